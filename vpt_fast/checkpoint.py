@@ -83,6 +83,10 @@ class VPTConfig:
             raise CheckpointError(f"vision_encoder_ls holds unknown encoders {unknown}; known: {list(spec.REENCODE_KINDS)}")
         if values.get("num_inner_forward_run", 1) not in (1, 2):
             raise CheckpointError(f"num_inner_forward_run must be 1 or 2, got {values['num_inner_forward_run']}")
+        if values.get("projector_scale", 1) != 1:
+            raise CheckpointError(
+                f"projector_scale must be 1 (every released VPT checkpoint uses 1), got {values['projector_scale']}"
+            )
         return cls(**values, vision_encoder_ls=encoders, is_vpt=d.get("model_type") == VPT_MODEL_TYPE)
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,6 +319,8 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in (VPT_MODEL_TYPE, QWEN2VL_MODEL_TYPE):
         raise CheckpointError(
