@@ -1,3 +1,59 @@
-"""vpt_fast: Visual Perception Token inference for Qwen2-VL."""
+"""vpt_fast: single-pass Visual Perception Token inference for Qwen2-VL.
+
+    engine = vpt_fast.from_pretrained("/path/to/Qwen2-VL-2b-VPT-Det")
+    (result,) = engine.generate(["photo.jpg"], ["<image>\\nWhat is written on the sign?"])
+    result.text, result.trace   # the answer, and what the model looked at
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops
+from .engine import Engine, GenerationResult
 
 __version__ = "0.1.0"
+__all__ = ["Engine", "GenerationResult", "accelerate", "from_pretrained", "ops"]
+
+
+def from_pretrained(path_or_model, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    max_seq_len: int = 4096, **accelerate_kwargs) -> Engine:
+    """An Engine for a checkpoint folder (released VPT format, transformers-5 layout or
+    plain Qwen2-VL), or for an already loaded transformers model (then as `accelerate`)."""
+    if isinstance(path_or_model, (str, os.PathLike)):
+        from .checkpoint import load_vpt_checkpoint
+
+        if accelerate_kwargs:
+            raise TypeError(f"unexpected arguments for a checkpoint folder: {sorted(accelerate_kwargs)}")
+        return Engine(load_vpt_checkpoint(path_or_model, dtype=dtype, device=device), max_seq_len=max_seq_len)
+    return accelerate(path_or_model, max_seq_len=max_seq_len, **accelerate_kwargs)
+
+
+def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None, detection_projector=None,
+               seg_model=None, seg_projector=None, max_seq_len: int = 4096) -> Engine:
+    """An Engine over a loaded transformers `Qwen2VLForConditionalGeneration`.
+
+    processor: a transformers Qwen2-VL processor (its tokenizer and image processor are
+    used) or a tokenizer alone (default image settings). VPT branches are passed as the
+    modules the checkpoint would hold. The model is used as it is: nothing in it is
+    changed, so there is nothing to undo.
+    """
+    from . import spec
+    from .checkpoint import VPTBundle, VPTConfig
+    from .preprocess import QwenImageConfig, VPTImageProcessor
+
+    if not hasattr(hf_model, "model") or not hasattr(hf_model.model, "language_model") or not hasattr(hf_model, "lm_head"):
+        raise TypeError(f"accelerate expects a transformers Qwen2VLForConditionalGeneration, got {type(hf_model).__name__}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not hasattr(tokenizer, "get_vocab"):
+        raise TypeError(f"processor must be a Qwen2-VL processor or a tokenizer, got {type(processor).__name__}")
+    image_processor = getattr(processor, "image_processor", None)
+    qwen = QwenImageConfig.from_dict(image_processor.to_dict()) if image_processor is not None else QwenImageConfig()
+    vcfg = VPTConfig.from_dict(hf_model.config.to_dict())
+    bundle = VPTBundle(model=hf_model.eval(), tokenizer=tokenizer, processor=VPTImageProcessor(qwen=qwen),
+                       vpt_config=vcfg, vocab=spec.Vocab.from_tokenizer(tokenizer), clip_projector=clip_projector,
+                       detection_model=detection_model, detection_projector=detection_projector, seg_model=seg_model,
+                       seg_projector=seg_projector)
+    return Engine(bundle, max_seq_len=max_seq_len)

@@ -335,6 +335,48 @@ def _cut_at_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
+@dataclass
+class PerceptionPlan:
+    """What one perception adds to the conversation (VPT_SPEC 7)."""
+
+    kind: str
+    turns: list[tuple[str, str]]  # the assistant turn that asked, then the user turn that shows
+    images: list[Any]  # capped crops, for the <|image_pad|> runs of the new user turn
+    reencode: tuple[str, Any] | None  # (kind, encoder input) for the re-encoding pad run
+    boxes: list[tuple[int, int, int, int]]
+    cells: list[tuple[int, int, int, int]]
+
+
+def plan_perception(bundle: VPTBundle, perception, original, body_ids: list[int]):
+    """The next turns for a parsed output: a PerceptionPlan, None (nothing to look at:
+    the output is the answer), or a finish reason when the request cannot go on."""
+    tok, proc = bundle.tokenizer, bundle.processor
+    if isinstance(perception, spec.Malformed):
+        return "malformed"
+    if isinstance(perception, spec.ReencodeRequest):
+        kind = perception.kind
+        if kind not in bundle.reencode_kinds:
+            return f"unsupported:{kind}"
+        if kind == "clip":
+            model_input = proc.prepare(original)
+            n = proc.token_count(model_input)
+        elif kind == "dino":
+            model_input, n = proc.dino_inputs([original]), _dino_tokens(bundle)
+        else:
+            model_input, n = proc.sam_inputs([original]), _sam_tokens(bundle)
+        turns = [("assistant", action_text(kind)), ("user", vision_span(spec.ACTION_TOKENS[kind].pad, n))]
+        w, h = original.size
+        return PerceptionPlan(kind, turns, [], (kind, model_input), [(0, 0, w, h)], [])
+    if isinstance(perception, spec.RegionRequest):
+        w, h = original.size
+        boxes = [spec.block_box(b, w, h) for b in perception.blocks]
+        crops = [proc.prepare_crop(original, box) for box in boxes]
+        spans = [vision_span(spec.IMAGE_PAD, proc.token_count(c)) for c in crops]
+        turns = [("assistant", tok.decode(body_ids, skip_special_tokens=False)), ("user", region_prompt(len(crops), spans))]
+        return PerceptionPlan("region", turns, crops, None, boxes, [b.cells for b in perception.blocks])
+    return None
+
+
 def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int = 64, forced_tokens=None,
                        do_sample: bool = False, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                        return_logits: bool = False, answer_max_new_tokens: int | None = None) -> list[ReferenceResult]:
@@ -374,33 +416,14 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
                               text=tok.decode(body, skip_special_tokens=True), perception=perception,
                               finish_reason=r1_finish[i], round1_logits=r1_logits[i] if r1_logits else None)
         results.append(res)
-        round1_text = tok.decode(body, skip_special_tokens=False)
-        if isinstance(perception, spec.ReencodeRequest):
-            kind = perception.kind
-            if kind not in bundle.reencode_kinds:
-                res.finish_reason = f"unsupported:{kind}"
-                continue
-            if kind == "clip":
-                n, model_input = proc.token_count(firsts[i]), firsts[i]
-            elif kind == "dino":
-                model_input = proc.dino_inputs([originals[i]])
-                n = _dino_tokens(bundle)
-            else:
-                model_input = proc.sam_inputs([originals[i]])
-                n = _sam_tokens(bundle)
-            turns = [("user", users[i]), ("assistant", action_text(kind)), ("user", vision_span(spec.ACTION_TOKENS[kind].pad, n))]
-            r2_rows.append(_Row(ids=encode(tok, conversation(turns)), images=[firsts[i]], reencode=(kind, model_input)))
+        plan = plan_perception(bundle, perception, originals[i], body)
+        if isinstance(plan, str):
+            res.finish_reason = plan
+        elif plan is not None:
+            res.boxes = plan.boxes if plan.kind == "region" else []
+            turns = [("user", users[i]), *plan.turns]
+            r2_rows.append(_Row(ids=encode(tok, conversation(turns)), images=[firsts[i], *plan.images], reencode=plan.reencode))
             r2_index.append(i)
-        elif isinstance(perception, spec.RegionRequest):
-            w, h = originals[i].size
-            res.boxes = [spec.block_box(b, w, h) for b in perception.blocks]
-            crops = [proc.prepare_crop(originals[i], box) for box in res.boxes]
-            crop_spans = [vision_span(spec.IMAGE_PAD, proc.token_count(c)) for c in crops]
-            turns = [("user", users[i]), ("assistant", round1_text), ("user", region_prompt(len(crops), crop_spans))]
-            r2_rows.append(_Row(ids=encode(tok, conversation(turns)), images=[firsts[i], *crops]))
-            r2_index.append(i)
-        elif isinstance(perception, spec.Malformed):
-            res.finish_reason = "malformed"
 
     if r2_rows:
         r2_new, r2_logits, r2_finish = _generate(bundle, r2_rows, answer_max_new_tokens, do_sample, top_k, top_p, generator, return_logits)

@@ -1,0 +1,399 @@
+"""The single-pass VPT engine: perception spliced into the live KV cache.
+
+Round 1 decodes as usual. When it ends, its output is parsed (VPT_SPEC 7) and the
+conversation the two-round reference would read next is built; the cache keeps the
+longest common prefix with it, rolls back the rest (nothing, when round 1 wrote
+exactly what round 2 re-reads) and the new segment (the crop or re-encoded image and
+the template around it) is spliced in with its positions. Decoding goes on from
+there. Sequences of a batch that need perception in the same step are served
+together: one vision-tower call for all crops, one encoder call per branch, one
+ragged prefill of all segments. Finished sequences drop out.
+
+The published model runs two inner passes at every step; one suffices here because
+attention is causal: a control vector is the final hidden state of the token before
+`<|X_action|>`, which the engine already has when it feeds that token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .. import spec
+from ..checkpoint import VPTBundle
+from ..ops import mrope_positions
+from ..preprocess import load_image
+from ..reference import _sample, conversation, encode, plan_perception, user_content, vision_span
+from .cache import KVCache
+from .perception import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs, body_of,
+                         count_image_runs, longest_common_prefix)
+from .runner import Runner
+
+
+@dataclass
+class TokenEvent:
+    request: int
+    token_id: int
+    round: int  # 0 for round 1, k after k perceptions
+
+
+@dataclass
+class PerceptionEvent:
+    request: int
+    trace: PerceptionTrace
+
+
+@dataclass
+class FinishEvent:
+    request: int
+    result: GenerationResult
+
+
+class Engine:
+    """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`)."""
+
+    def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096):
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        self.bundle = bundle
+        self.runner = Runner(bundle.model)
+        self.max_seq_len = max_seq_len
+        self.vocab = bundle.vocab
+        vcfg = bundle.vpt_config
+        self.two_pass = vcfg.two_pass
+        self.start_to_action: dict[int, int] = {}
+        self.action_ids: set[int] = set()
+        for kind in spec.REENCODE_KINDS:
+            start, action, _pad = vcfg.ids(kind)
+            if action is not None:
+                self.action_ids.add(action)
+                self.start_to_action[start] = action
+        self.reencode_pads = {a.pad: kind for kind, a in self.vocab.actions.items()}
+        text = bundle.model.config.text_config
+        self._cache_shape = (text.num_hidden_layers, text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, **kwargs) -> list[GenerationResult]:
+        """Answer a batch of requests; one GenerationResult per request, in order.
+
+        Same arguments as `stream`.
+        """
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for event in self.stream(images, prompts, max_new_tokens, forced_tokens, **kwargs):
+            if isinstance(event, FinishEvent):
+                results[event.request] = event.result
+        return results  # type: ignore[return-value]
+
+    def stream(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, *, do_sample: bool = False,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               answer_max_new_tokens: int | None = None, max_perception_rounds: int = 1,
+               return_logits: bool = False) -> Iterator[TokenEvent | PerceptionEvent | FinishEvent]:
+        """Generate, yielding tokens, perceptions and finished requests as they happen.
+
+        images / prompts / forced_tokens as in `reference.two_round_generate`: one image
+        (path or PIL) and one prompt (at most one `<image>`) per request; forced_tokens[i]
+        scripts the first round-1 tokens of request i. max_new_tokens bounds each round
+        (answer_max_new_tokens the rounds after a perception). max_perception_rounds:
+        how many perceptions a request may make (1, as the published flow). A request
+        whose image or prompt is unusable finishes with reason "error" and its message;
+        the others go on.
+        """
+        from ..reference import _check_requests
+
+        answer_max_new_tokens = max_new_tokens if answer_max_new_tokens is None else answer_max_new_tokens
+        for name, value in (("max_new_tokens", max_new_tokens), ("answer_max_new_tokens", answer_max_new_tokens),
+                            ("max_perception_rounds", max_perception_rounds)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_perception_rounds" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'max_perception_rounds' else 'positive'} int, got {value!r}")
+        forced = _check_requests(self.bundle, images, prompts, forced_tokens)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        torch.manual_seed(seed)
+        self._return_logits = return_logits
+        self._logits_log: dict[int, list[torch.Tensor]] = {}
+
+        seqs: list[SequenceState] = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            try:
+                original = load_image(image)
+                first = self.bundle.processor.prepare(original)
+                user = user_content(prompt, vision_span(spec.IMAGE_PAD, self.bundle.processor.token_count(first)))
+            except (OSError, ValueError, TypeError) as e:
+                yield FinishEvent(i, GenerationResult([], [], [], "", "error", error=f"request {i}: {e}"))
+                continue
+            ids = encode(self.bundle.tokenizer, conversation([("user", user)]))
+            seqs.append(SequenceState(i, len(seqs), original, first, user, ids, forced[i], max_new_tokens,
+                                      answer_max_new_tokens))
+        if not seqs:
+            return
+        layers, kv_heads, head_dim = self._cache_shape
+        cache = KVCache(layers, len(seqs), self.max_seq_len, kv_heads, head_dim, self.runner.dtype, self.device)
+
+        fits = []
+        for s in seqs:
+            if len(s.prompt_ids) > self.max_seq_len:
+                s.finish("length")
+                s.error = f"the prompt has {len(s.prompt_ids)} tokens, more than max_seq_len {self.max_seq_len}"
+                yield FinishEvent(s.index, self._result(s))
+            else:
+                fits.append((s, Segment(s.prompt_ids, [s.first])))
+        if fits:
+            self._run_segments(cache, fits)
+
+        while True:
+            active = [s for s in seqs if not s.finished]
+            if not active:
+                break
+            tokens = self._choose(active, do_sample, top_k, top_p, generator)
+            decode, ended = [], []
+            for s, t in zip(active, tokens):
+                round_done = t == self.vocab.im_end or len(s.round_ids) + 1 >= s.round_limit
+                if not round_done:
+                    action = self.start_to_action.get(s.ids[-1])
+                    if action is not None:
+                        t = action  # the published decode forces <|X_action|> after <|X_action_start|>
+                s.round_ids.append(t)
+                s.generated.append(t)
+                yield TokenEvent(s.index, t, s.round)
+                (ended if round_done else decode).append((s, t))
+
+            splices = []
+            for s, t in ended:
+                reason = "stop" if t == self.vocab.im_end else "length"
+                ids = s.end_round()
+                if s.round >= max_perception_rounds:
+                    s.finish(reason)
+                    continue
+                body = body_of(ids, self.vocab.im_end)
+                perception = spec.parse_perception(body, self.vocab)
+                if s.round == 0:
+                    s.perception = perception
+                plan = plan_perception(self.bundle, perception, s.original, body)
+                if plan is None:
+                    s.finish(reason)
+                elif isinstance(plan, str):
+                    s.finish(plan)
+                else:
+                    splices.append((s, plan))
+
+            steps = []
+            for s, t in decode:
+                if cache.room(s.slot) < 1:
+                    s.finish("length")
+                    s.error = f"the cache slot is full ({self.max_seq_len} tokens)"
+                else:
+                    steps.append((s, t))
+            if steps:
+                self._decode(cache, steps)
+            if splices:
+                for event in self._splice(cache, splices):
+                    yield event
+            for s in active:
+                if s.finished:
+                    yield FinishEvent(s.index, self._result(s))
+
+    # ------------------------------------------------------------------ steps
+
+    def _choose(self, active: list[SequenceState], do_sample, top_k, top_p, generator) -> list[int]:
+        scores = torch.stack([s.logits for s in active])
+        if self._return_logits:
+            for s, row in zip(active, scores):
+                self._logits_log.setdefault(s.index, []).append(row.detach().to("cpu", copy=True))
+        for i, s in enumerate(active):
+            step = len(s.round_ids)
+            if s.round == 0 and s.forced is not None and step < len(s.forced):
+                row = torch.full_like(scores[i], float("-inf"))
+                row[s.forced[step]] = 0.0
+                scores[i] = row
+        return _sample(scores, do_sample, top_k, top_p, generator).tolist()
+
+    def _decode(self, cache: KVCache, steps: list[tuple[SequenceState, int]]) -> None:
+        """One new token for each of several sequences."""
+        ids = torch.tensor([[t] for _, t in steps], device=self.device)
+        embeds = self.runner.embed(ids)
+        for b, (s, t) in enumerate(steps):
+            if self.two_pass and t in self.action_ids:
+                s.control = self._hidden_before(s, len(s.ids))
+                embeds[b, 0] = s.control
+        positions = torch.tensor([s.next_position for s, _ in steps], device=self.device)[None, :, None].expand(3, -1, 1)
+        slots = torch.tensor([s.slot for s, _ in steps], device=self.device)
+        hidden = self.runner.forward(embeds, positions, cache, slots, torch.ones_like(slots))
+        logits = self.runner.logits(hidden[:, 0])
+        for b, (s, t) in enumerate(steps):
+            s.appended([t], positions[:, b].cpu())
+            s.logits = logits[b]
+            s.last_hidden = (len(s.ids) - 1, hidden[b, 0])
+
+    @staticmethod
+    def _hidden_before(s: SequenceState, index: int) -> torch.Tensor:
+        """Final hidden state of the token at index - 1: the control vector of an action at `index`."""
+        if s.last_hidden is None or s.last_hidden[0] != index - 1:
+            raise RuntimeError(f"request {s.index}: no hidden state for the token before position {index}")
+        return s.last_hidden[1]
+
+    def _splice(self, cache: KVCache, splices) -> Iterator[PerceptionEvent]:
+        proc, tok = self.bundle.processor, self.bundle.tokenizer
+        items = []
+        run_tokens = {self.vocab.image_pad, *self.reencode_pads}
+        for s, plan in splices:
+            new_ids = encode(tok, conversation(s.turns + plan.turns))
+            keep = back_out_of_runs(new_ids, longest_common_prefix(s.ids, new_ids), run_tokens)
+            if len(new_ids) > self.max_seq_len:
+                s.finish("no_room")
+                s.error = f"the perception segment needs {len(new_ids) - keep} tokens after position {keep}; the slot holds {self.max_seq_len}"
+                continue
+            images = s.images + plan.images
+            first_new_image = count_image_runs(new_ids[:keep], self.vocab.image_pad)
+            if any(t in self.reencode_pads for t in s.ids[keep:]):
+                raise RuntimeError(f"request {s.index}: a rollback reached an earlier re-encoded image")
+            rolled = len(s.ids) - keep
+            cache.rollback(s.slot, keep)
+            s.rolled_back(keep)
+            s.turns += plan.turns
+            s.images = images
+            s.features += [None] * len(plan.images)
+            seg = Segment(new_ids[keep:], images[first_new_image:], plan.reencode, first_new_image)
+            items.append((s, seg, plan, rolled))
+        if not items:
+            return
+        self._encode_reencodes([(s, seg) for s, seg, _, _ in items])
+        self._run_segments(cache, [(s, seg) for s, seg, _, _ in items])
+        now = time.perf_counter()
+        for s, seg, plan, rolled in items:
+            s.round += 1
+            trace = PerceptionTrace(plan.kind, plan.cells, plan.boxes, len(seg.ids), rolled, now - s.round_end_time)
+            s.trace.append(trace)
+            yield PerceptionEvent(s.index, trace)
+
+    def _encode_reencodes(self, items: list[tuple[SequenceState, Segment]]) -> None:
+        """Encoder features of every re-encoding request of this step: one call per branch."""
+        b = self.bundle
+        by_kind: dict[str, list[tuple[SequenceState, Segment]]] = {}
+        for s, seg in items:
+            if seg.reencode is not None:
+                by_kind.setdefault(seg.reencode[0], []).append((s, seg))
+        for kind, group in by_kind.items():
+            if kind == "clip":
+                for s, seg in group:  # the clip branch re-encodes the first image: reuse its features
+                    seg.reencode = ("clip", s.features[0])
+                continue
+            pixels = torch.cat([seg.reencode[1] for _, seg in group]).to(self.device, self.runner.dtype)
+            with torch.no_grad():
+                if kind == "dino":
+                    feats = b.detection_model(pixel_values=pixels).last_hidden_state[:, 1:]
+                else:
+                    feats = b.seg_model(pixel_values=pixels).last_hidden_state
+            for j, (_, seg) in enumerate(group):
+                seg.reencode = (kind, feats[j : j + 1])
+
+    def _vision(self, items: list[tuple[SequenceState, Segment]]) -> dict[int, list[torch.Tensor]]:
+        """Vision features of every image of these segments: one tower call for all."""
+        images, owners = [], []
+        for k, (s, seg) in enumerate(items):
+            images += seg.images
+            owners += [k] * len(seg.images)
+        out: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(items))}
+        if not images:
+            return out
+        model = self.bundle.model
+        pixels, grid = self.bundle.processor.qwen_inputs(images)
+        with torch.no_grad():
+            feats = model.model.visual(pixels.to(self.device, self.runner.dtype), grid_thw=grid.to(self.device)).pooler_output
+        sizes = (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
+        for k, f, g in zip(owners, torch.split(feats, sizes), grid.tolist()):
+            out[k].append((f, g))
+        return out
+
+    def _project(self, kind: str, feats, control: torch.Tensor | None) -> torch.Tensor:
+        b = self.bundle
+        c = control[None] if control is not None else None
+        with torch.no_grad():
+            if kind == "clip":
+                return b.clip_projector([feats], c)[0]
+            projector = b.detection_projector if kind == "dino" else b.seg_projector
+            return projector(feats, c)[0]
+
+    def _run_segments(self, cache: KVCache, items: list[tuple[SequenceState, Segment]]) -> None:
+        """Append segments to their sequences: embeddings, positions, and a ragged prefill.
+
+        A segment is cut before each action token: the action's input embedding is the
+        final hidden state of the token before it, known once the previous piece has run.
+        """
+        vision = self._vision(items)
+        plans = []
+        for k, (s, seg) in enumerate(items):
+            ids = torch.tensor(seg.ids, device=self.device)
+            embeds = self.runner.embed(ids)
+            feats_grids = vision[k]
+            for j, (f, _) in enumerate(feats_grids):
+                s.features[seg.first_image + j] = f
+            if feats_grids:
+                img = ids == self.vocab.image_pad
+                embeds[img] = torch.cat([f for f, _ in feats_grids]).to(embeds.dtype)
+            positions, _ = mrope_positions(seg.ids, s.next_position, [g for _, g in feats_grids],
+                                           image_pad_id=self.vocab.image_pad,
+                                           spatial_merge_size=self.bundle.model.config.vision_config.spatial_merge_size)
+            cuts = [j for j, t in enumerate(seg.ids) if t in self.action_ids] if self.two_pass else []
+            bounds = sorted({0, *cuts, len(seg.ids)})
+            pieces = list(zip(bounds[:-1], bounds[1:]))
+            plans.append({"s": s, "seg": seg, "embeds": embeds, "positions": positions.to(self.device), "pieces": pieces})
+        rounds = max(len(p["pieces"]) for p in plans)
+        for r in range(rounds):
+            batch = [p for p in plans if r < len(p["pieces"])]
+            for p in batch:
+                a, z = p["pieces"][r]
+                s, seg = p["s"], p["seg"]
+                if self.two_pass and seg.ids[a] in self.action_ids:
+                    s.control = self._hidden_before(s, len(s.ids))
+                    p["embeds"][a] = s.control
+                if seg.reencode is not None:
+                    kind, feats = seg.reencode
+                    pad = self.vocab.actions[kind].pad
+                    where = [j for j in range(a, z) if seg.ids[j] == pad]
+                    if where:
+                        control = s.control if self.two_pass else None
+                        if self.two_pass and control is None:
+                            raise RuntimeError(f"request {s.index}: re-encoding pads with no action token before them")
+                        p["embeds"][where] = self._project(kind, feats, control).to(p["embeds"].dtype)
+            T = max(z - a for a, z in (p["pieces"][r] for p in batch))
+            H = self.runner.hidden_size
+            embeds = torch.zeros(len(batch), T, H, dtype=self.runner.dtype, device=self.device)
+            positions = torch.zeros(3, len(batch), T, dtype=torch.long, device=self.device)
+            lens = []
+            for b, p in enumerate(batch):
+                a, z = p["pieces"][r]
+                embeds[b, : z - a] = p["embeds"][a:z]
+                positions[:, b, : z - a] = p["positions"][:, a:z]
+                lens.append(z - a)
+            slots = torch.tensor([p["s"].slot for p in batch], device=self.device)
+            new_lens = torch.tensor(lens, device=self.device)
+            hidden = self.runner.forward(embeds, positions, cache, slots, new_lens)
+            last = hidden[torch.arange(len(batch), device=self.device), new_lens - 1]
+            for b, p in enumerate(batch):
+                a, z = p["pieces"][r]
+                s = p["s"]
+                s.appended(p["seg"].ids[a:z], p["positions"][:, a:z].cpu())
+                s.last_hidden = (len(s.ids) - 1, last[b])
+                if r == len(p["pieces"]) - 1:
+                    s.logits = self.runner.logits(last[b])
+
+    # ------------------------------------------------------------------ results
+
+    def _result(self, s: SequenceState) -> GenerationResult:
+        tok, eos = self.bundle.tokenizer, self.vocab.im_end
+        # a round cut short (a full cache slot) has its ids in round_ids still
+        round1 = s.round1_ids + (s.round_ids if s.round == 0 else [])
+        answer = (s.round_ids or s.answer_ids) if s.round > 0 else []
+        shown = answer if s.round > 0 else round1
+        text = tok.decode(body_of(shown, eos), skip_special_tokens=True)
+        logits = self._logits_log.get(s.index) if self._return_logits else None
+        return GenerationResult(token_ids=list(s.generated), round1_ids=list(round1), answer_ids=list(answer), text=text,
+                                finish_reason=s.finish_reason or "length", trace=list(s.trace), perception=s.perception,
+                                error=s.error, logits=logits)

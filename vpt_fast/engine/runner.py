@@ -1,0 +1,113 @@
+"""The Qwen2-VL text decoder's forward, written over the HF module's own parameters.
+
+No weight is copied: the runner reads the transformers module's tensors, so the
+engine owns the cache layout, the positions and the attention while the model
+stays the user's. Arithmetic follows transformers' Qwen2-VL modules (RMSNorm in
+float32, rotate-half M-RoPE, grouped-query attention, SwiGLU MLP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import kv_splice
+from .cache import KVCache
+
+
+class Runner:
+    def __init__(self, hf_model):
+        text = hf_model.model.language_model
+        self.model = hf_model
+        self.text = text
+        cfg = text.config
+        self.config = cfg
+        self.layers = text.layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.rotary = text.rotary_emb
+        self.lm_head = hf_model.lm_head
+        if getattr(cfg, "use_sliding_window", False) and cfg.sliding_window is not None:
+            if any(t == "sliding_attention" for t in cfg.layer_types):
+                raise NotImplementedError("sliding-window attention layers are not supported (no released VPT model uses them)")
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.embed_tokens.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text.embed_tokens(ids)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.no_grad()
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                new_lens: torch.Tensor) -> torch.Tensor:
+        """Run new tokens of several sequences through the decoder, appending their KV.
+
+        embeds (B, T, H): the new tokens' input embeddings, row b valid for its first
+        new_lens[b] entries (the rest is padding); positions (3, B, T); slots (B,) the
+        cache slot of each row. Each row's tokens are written after the slot's current
+        length, attend to everything before them, and the slot's length grows by
+        new_lens[b]. Returns the final hidden states (B, T, H) after the last RMSNorm.
+        """
+        B, T, _ = embeds.shape
+        lengths = cache.lengths[slots]  # (B,) before this call
+        total = lengths + new_lens
+        if bool((total > cache.max_len).any()):
+            raise ValueError(f"cache overflow: lengths {total.tolist()} exceed the slot size {cache.max_len}")
+        offs = torch.arange(T, device=embeds.device)
+        valid = offs[None, :] < new_lens[:, None]  # (B, T)
+        slot_mapping = torch.where(valid, slots[:, None] * cache.max_len + lengths[:, None] + offs[None, :], -1).flatten()
+        S = int(total.max())
+        keys = torch.arange(S, device=embeds.device)
+        # key j is visible to query i of row b when it exists and is not in the future
+        mask = (keys[None, None, :] < total[:, None, None]) & (keys[None, None, :] <= (lengths[:, None] + offs[None, :])[:, :, None])
+        cos, sin = self.rotary(embeds, positions)  # (B, T, D)
+        cos_h, sin_h = cos[:, :, None, :], sin[:, :, None, :]
+        flat_cos, flat_sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+        groups = self.num_heads // self.num_kv_heads
+
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = self._norm(x, layer.input_layernorm.weight)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, T, self.num_heads, self.head_dim)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B * T, self.num_kv_heads, self.head_dim)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B * T, self.num_kv_heads, self.head_dim)
+            q = self._rope(q, cos_h, sin_h)
+            k_cache, v_cache = cache.layer(i)
+            kv_splice(k, v, k_cache, v_cache, slot_mapping, flat_cos, flat_sin)
+            K = k_cache[slots, :S].transpose(1, 2)  # (B, kvh, S, D)
+            V = v_cache[slots, :S].transpose(1, 2)
+            if groups > 1:
+                K = K.repeat_interleave(groups, dim=1)
+                V = V.repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask[:, None], scale=self.head_dim**-0.5)
+            o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+            x = x + F.linear(o, attn.o_proj.weight)
+            h = self._norm(x, layer.post_attention_layernorm.weight)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        cache.lengths[slots] = total
+        return self._norm(x, self.text.norm.weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
