@@ -32,12 +32,14 @@ def from_pretrained(path_or_model, dtype: torch.dtype = torch.float32, device: s
 
 
 def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None, detection_projector=None,
-               seg_model=None, seg_projector=None, max_seq_len: int = 4096) -> Engine:
+               seg_model=None, seg_projector=None, vpt_config=None, max_seq_len: int = 4096) -> Engine:
     """An Engine over a loaded transformers `Qwen2VLForConditionalGeneration`.
 
     processor: a transformers Qwen2-VL processor (its tokenizer and image processor are
     used) or a tokenizer alone (default image settings). VPT branches are passed as the
-    modules the checkpoint would hold. The model is used as it is: nothing in it is
+    modules the checkpoint would hold; vpt_config (a `VPTConfig` or the VPT fields of a
+    checkpoint's config.json) says which token ids drive them, and defaults to the
+    fields found in `hf_model.config`. The model is used as it is: nothing in it is
     changed, so there is nothing to undo.
     """
     from . import spec
@@ -51,8 +53,20 @@ def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None
         raise TypeError(f"processor must be a Qwen2-VL processor or a tokenizer, got {type(processor).__name__}")
     image_processor = getattr(processor, "image_processor", None)
     qwen = QwenImageConfig.from_dict(image_processor.to_dict()) if image_processor is not None else QwenImageConfig()
-    vcfg = VPTConfig.from_dict(hf_model.config.to_dict())
-    bundle = VPTBundle(model=hf_model.eval(), tokenizer=tokenizer, processor=VPTImageProcessor(qwen=qwen),
+    if vpt_config is None:
+        vcfg = VPTConfig.from_dict(hf_model.config.to_dict())
+    elif isinstance(vpt_config, VPTConfig):
+        vcfg = vpt_config
+    else:
+        vcfg = VPTConfig.from_dict(dict(vpt_config))
+    branches = {"clip": clip_projector, "dino": detection_projector, "sam": seg_projector}
+    for kind, module in branches.items():
+        if module is not None and vcfg.ids(kind)[1] is None:
+            raise ValueError(f"a {kind} projector was given but vpt_config names no {kind} action token ids")
+    if (detection_projector is None) != (detection_model is None) or (seg_projector is None) != (seg_model is None):
+        raise ValueError("give each re-encoding encoder together with its projector (detection_model with "
+                         "detection_projector, seg_model with seg_projector)")
+    bundle = VPTBundle(model=hf_model, tokenizer=tokenizer, processor=VPTImageProcessor(qwen=qwen),
                        vpt_config=vcfg, vocab=spec.Vocab.from_tokenizer(tokenizer), clip_projector=clip_projector,
                        detection_model=detection_model, detection_projector=detection_projector, seg_model=seg_model,
                        seg_projector=seg_projector)

@@ -60,6 +60,7 @@ def cmd_run(args) -> int:
     from tqdm import tqdm
 
     from .checkpoint import load_vpt_checkpoint
+    from .engine import Engine
     from .reference import two_round_generate
     from .tiny import make_tiny_checkpoint
 
@@ -77,26 +78,41 @@ def cmd_run(args) -> int:
     bundle = load_vpt_checkpoint(model_path, device=args.device)
     forced = _force_ids(bundle.tokenizer, force)
     prompt = _prompt(args.question, args.mode)
+    if args.pipeline == "engine":
+        engine = Engine(bundle, max_seq_len=args.max_seq_len)
+        run = lambda chunk, n: engine.generate(chunk, [prompt] * n, args.max_new_tokens, [forced] * n)
+    else:
+        run = lambda chunk, n: two_round_generate(bundle, chunk, [prompt] * n, args.max_new_tokens, [forced] * n)
     results = []
     batches = range(0, len(images), args.batch_size)
     for start in tqdm(batches, desc="batches", disable=len(images) <= args.batch_size):
         chunk = images[start : start + args.batch_size]
-        results += two_round_generate(bundle, chunk, [prompt] * len(chunk), max_new_tokens=args.max_new_tokens,
-                                      forced_tokens=[forced] * len(chunk))
+        results += run(chunk, len(chunk))
     for path, r in zip(images, results):
+        boxes = _boxes(r)
         print(f"== {path}")
+        if getattr(r, "error", None):
+            print(f"error: {r.error}")
         print(f"round 1: {bundle.tokenizer.decode(r.round1_ids, skip_special_tokens=False)!r}")
-        print(f"looked at: {r.perception.kind}", end="")
-        if r.boxes:
-            print(" boxes " + ", ".join(str(tuple(b)) for b in r.boxes), end="")
-        print(f"\nanswer ({r.finish_reason}): {r.text}")
-        if args.trace_image and r.boxes:
+        kind = r.perception.kind if r.perception is not None else "nothing"
+        print(f"looked at: {kind}" + (" boxes " + ", ".join(str(tuple(b)) for b in boxes) if boxes else ""))
+        for t in getattr(r, "trace", []):
+            print(f"  {t.kind}: {t.tokens_spliced} tokens spliced, {t.tokens_rolled_back} rolled back, {t.seconds * 1e3:.1f} ms")
+        print(f"answer ({r.finish_reason}): {r.text}")
+        if args.trace_image and boxes:
             out = Path(args.trace_image)
             if len(images) > 1:
                 out = out.with_name(f"{out.stem}_{path.stem}{out.suffix or '.png'}")
-            _draw_trace(path, r.boxes, out)
+            _draw_trace(path, boxes, out)
             print(f"trace image: {out}")
     return 0
+
+
+def _boxes(result) -> list:
+    """Region boxes of a result from either pipeline."""
+    if hasattr(result, "trace"):
+        return [box for t in result.trace if t.kind == "region" for box in t.boxes]
+    return list(result.boxes)
 
 
 def cmd_make_tiny(args) -> int:
@@ -121,6 +137,9 @@ def main(argv=None) -> int:
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--device", default="cpu")
+    run.add_argument("--max-seq-len", type=int, default=4096, help="KV cache positions per request")
+    run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
+                     help="single-pass engine, or the two-round reference flow (slow, for comparison)")
     run.set_defaults(func=cmd_run)
     tiny = sub.add_parser("make-tiny", help="write a tiny random VPT checkpoint in the released format")
     tiny.add_argument("out")

@@ -1,0 +1,301 @@
+"""The single-pass engine against the two-round reference (VPT_SPEC 9)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from paths import ORIGINAL
+
+import vpt_fast
+from vpt_fast.checkpoint import load_vpt_checkpoint
+from vpt_fast.engine import Engine, FinishEvent, PerceptionEvent, TokenEvent
+from vpt_fast.reference import conversation, encode, two_round_generate, user_content, vision_span
+
+PREFIX = {"clip": "clip", "dino": "detection", "sam": "seg"}
+
+
+def rand_image(w, h, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def toks(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def region(*blocks, eos=True):
+    out = ""
+    for xs, ys in blocks:
+        out += "<|region_token_start|>" + "".join(f"<|x_{x}|>" for x in xs) + "".join(f"<|y_{y}|>" for y in ys)
+        out += "<|region_token_end|>"
+    return out + ("<|im_end|>" if eos else "")
+
+
+def action(kind, eos=True):
+    p = PREFIX[kind]
+    return f"<|{p}_action_start|><|{p}_action|><|{p}_action_end|>" + ("<|im_end|>" if eos else "")
+
+
+def assert_same(ref, eng, tol=1e-4):
+    assert eng.round1_ids == ref.round1_ids
+    assert eng.answer_ids == ref.answer_ids
+    assert eng.token_ids == ref.round1_ids + ref.answer_ids
+    assert eng.text == ref.text
+    assert eng.finish_reason == ref.finish_reason
+    ref_logits = (ref.round1_logits or []) + (ref.answer_logits or [])
+    assert len(eng.logits) == len(ref_logits)
+    worst = max(((a - b).abs().max().item() for a, b in zip(ref_logits, eng.logits)), default=0.0)
+    assert worst <= tol, f"logits differ by {worst:.3g}"
+
+
+def both(bundle, images, prompts, forced_text, max_new_tokens=10, **kw):
+    tok = bundle.tokenizer
+    forced = [toks(tok, f) if f else None for f in forced_text]
+    ref = two_round_generate(bundle, images, prompts, max_new_tokens, forced, return_logits=True, **kw)
+    eng = Engine(bundle).generate(images, prompts, max_new_tokens, forced, return_logits=True, **kw)
+    return ref, eng
+
+
+@pytest.mark.parametrize("case,folder", [("region1", "region"), ("clip", "clip")])
+def test_engine_reproduces_published_implementation(case, folder):
+    golden = json.loads((ORIGINAL / "golden.json").read_text())[case]
+    engine = vpt_fast.from_pretrained(ORIGINAL / folder)
+    forced = engine.bundle.tokenizer.convert_tokens_to_ids(golden["forced_tokens"])
+    (r,) = engine.generate([ORIGINAL / golden["image"]], [golden["prompt"]], 24, [forced], answer_max_new_tokens=16,
+                           return_logits=True)
+    assert r.round1_ids == golden["round1_ids"]
+    assert r.answer_ids == golden["answer_ids"]
+    answer_logits = r.logits[len(r.round1_ids):]
+    assert (answer_logits[0] - torch.tensor(golden["answer_first_logits"])).abs().max() <= 1e-4
+    tops = torch.tensor([float(l.max()) for l in answer_logits])
+    assert (tops - torch.tensor(golden["answer_top_logit"])).abs().max() <= 1e-4
+    if "boxes" in golden:
+        assert [list(b) for t in r.trace for b in t.boxes] == golden["boxes"]
+
+
+@pytest.mark.parametrize("variant,forced", [
+    ("region", region(([2, 4], [5, 6]))),
+    ("region", region(([2, 4], [5, 6]), ([0], [0, 1]), ([7], [7]))),
+    ("clip", action("clip")),
+    ("dino", action("dino")),
+    ("sam", action("sam")),
+], ids=["region-1", "region-3", "clip", "dino", "sam"])
+def test_single_request_equals_reference(tiny_bundle, variant, forced):
+    b = tiny_bundle(variant)
+    (ref,), (eng,) = both(b, [rand_image(196, 112, 4)], ["<image>\nWhat is on the left?"], [forced])
+    assert ref.round2_prompt_ids is not None
+    assert_same(ref, eng)
+    (trace,) = eng.trace
+    assert trace.kind == variant
+    assert trace.tokens_spliced == len(ref.round2_prompt_ids) - len(ref.round1_prompt_ids) - len(ref.round1_ids) + 1
+    assert trace.tokens_rolled_back == 0
+    if variant == "region":
+        assert trace.boxes == ref.boxes
+        assert len(trace.cells) == len(ref.perception.blocks)
+
+
+@pytest.mark.parametrize("variant", ["clip", "dino"])
+def test_text_before_the_action_is_rolled_back(tiny_bundle, variant):
+    b = tiny_bundle(variant)
+    forced = "I need a closer look " + action(variant)
+    (ref,), (eng,) = both(b, [rand_image(150, 90, 6)], ["Count the people."], [forced], max_new_tokens=30)
+    assert_same(ref, eng)
+    n_text = len(toks(b.tokenizer, "I need a closer look "))
+    assert eng.trace[0].tokens_rolled_back == n_text + 3  # the text and start/action/end re-read as the fixed text
+
+
+def test_free_choice_outcomes(tiny_bundle):
+    b = tiny_bundle("clip")
+    cases = [
+        region(([1], [1]), eos=False) + action("clip"),  # several kinds
+        "Just a plain answer<|im_end|>",  # nothing
+        "<|region_token_start|><|x_1|><|region_token_end|><|im_end|>",  # malformed block
+        action("dino"),  # a kind this checkpoint has no branch for
+        None,  # free generation
+    ]
+    images = [rand_image(64 + 10 * i, 80, i) for i in range(len(cases))]
+    ref, eng = both(b, images, ["Q?"] * len(cases), cases, max_new_tokens=24)
+    for r, e in zip(ref, eng):
+        assert_same(r, e)
+        assert e.trace == []
+    assert [e.finish_reason for e in eng[:4]] == ["stop", "stop", "malformed", "unsupported:dino"]
+
+
+@pytest.mark.parametrize("variant", ["clip", "dino", "sam"])
+def test_mixed_batch_of_eight(tiny_bundle, variant):
+    b = tiny_bundle(variant)
+    forced = [
+        region(([2, 4], [5, 6])),
+        action(variant),
+        region(([0, 3], [1]), ([6], [2, 7]), ([4], [4])),
+        "Well " + action(variant),
+        region(([1], [1]), eos=False) + action(variant),
+        "Plain text only<|im_end|>",
+        "<|region_token_start|><|y_2|><|region_token_end|><|im_end|>",
+        None,
+    ]
+    sizes = [(196, 112), (333, 517), (64, 64), (500, 90), (28, 300), (120, 120), (640, 480), (45, 61)]
+    prompts = ["<image>\nWhat color?", "How many people are there in this picture?", "Where?",
+               "<image> Describe the scene in detail, please.", "Hi", "<image>\nIs it raining?", "Name it.",
+               "Tell me something about the objects on the right side of the image."]
+    images = [rand_image(w, h, i) for i, (w, h) in enumerate(sizes)]
+    ref, eng = both(b, images, prompts, forced)
+    for r, e in zip(ref, eng):
+        assert_same(r, e)
+    assert sum(bool(e.trace) for e in eng) == 4
+
+
+def test_batch_rows_give_what_they_give_alone(tiny_bundle):
+    b = tiny_bundle("region")
+    engine = Engine(b)
+    tok = b.tokenizer
+    images = [rand_image(100, 60, 1), rand_image(70, 90, 2), rand_image(200, 50, 3)]
+    prompts = ["<image>What?", "Why?", "<image>\nWho is there?"]
+    forced = [toks(tok, region(([1, 2], [3]))), toks(tok, "<|region_token_start|><|x_1|><|region_token_end|><|im_end|>"), None]
+    batch = engine.generate(images, prompts, 8, forced, return_logits=True)
+    assert batch[1].finish_reason == "malformed"
+    for i in range(3):
+        (alone,) = engine.generate([images[i]], [prompts[i]], 8, [forced[i]], return_logits=True)
+        assert batch[i].token_ids == alone.token_ids
+        assert batch[i].finish_reason == alone.finish_reason
+        assert max((x - y).abs().max().item() for x, y in zip(batch[i].logits, alone.logits)) <= 1e-5
+
+
+def test_no_room_for_the_splice_and_full_cache(tiny_bundle):
+    b = tiny_bundle("region")
+    tok = b.tokenizer
+    image = rand_image(196, 112, 0)
+    prompt = "<image>\nWhat?"
+    forced = toks(tok, region(([2, 4], [5, 6])))
+    (full,) = Engine(b).generate([image], [prompt], 10, [forced], return_logits=True)
+    assert full.trace  # with room, the crop is spliced
+    prompt_len = len(encode(tok, conversation([("user", user_content(prompt, vision_span("<|image_pad|>", 28)))])))
+    room = prompt_len + len(full.round1_ids) + 3  # enough for round 1, not for the crop
+    small = Engine(b, max_seq_len=room)
+    other = rand_image(60, 60, 1)
+    out = small.generate([image, other], [prompt, "Hi"], 10, [forced, None], return_logits=True)
+    assert out[0].finish_reason == "no_room" and "segment needs" in out[0].error
+    assert out[0].round1_ids == full.round1_ids and out[0].answer_ids == []
+    (alone,) = Engine(b, max_seq_len=room).generate([other], ["Hi"], 10, return_logits=True)
+    assert out[1].token_ids == alone.token_ids
+    # decoding past the slot ends with "length" and the tokens so far are the unconstrained ones
+    tight = Engine(b, max_seq_len=prompt_len + 3).generate([image], [prompt], 20, return_logits=True)[0]
+    (free,) = Engine(b).generate([image], [prompt], 20, return_logits=True)
+    assert tight.finish_reason == "length" and "full" in tight.error
+    assert tight.token_ids == free.token_ids[: len(tight.token_ids)] and len(tight.token_ids) == 4
+    too_long = Engine(b, max_seq_len=10).generate([image], [prompt], 5)[0]
+    assert too_long.finish_reason == "length" and too_long.token_ids == [] and "prompt has" in too_long.error
+
+
+def test_bad_request_in_a_batch_does_not_stop_the_others(tiny_bundle, tmp_path):
+    b = tiny_bundle("region")
+    engine = Engine(b)
+    good = rand_image(80, 80, 3)
+    out = engine.generate([good, tmp_path / "missing.png", good], ["<image>A", "B", "<image> <image>"], 5)
+    assert out[0].finish_reason in ("stop", "length") and out[0].token_ids
+    assert out[1].finish_reason == "error" and "missing.png" in out[1].error
+    assert out[2].finish_reason == "error" and "at most one" in out[2].error
+    (alone,) = engine.generate([good], ["<image>A"], 5)
+    assert out[0].token_ids == alone.token_ids
+
+
+def test_stream_events(tiny_bundle):
+    b = tiny_bundle("clip")
+    tok = b.tokenizer
+    engine = Engine(b)
+    images = [rand_image(90, 90, 1), rand_image(60, 120, 2)]
+    forced = [toks(tok, action("clip")), None]
+    events = list(engine.stream(images, ["A", "B"], 6, forced))
+    results = engine.generate(images, ["A", "B"], 6, forced)
+    for i in range(2):
+        mine = [e for e in events if e.request == i]
+        assert [e.token_id for e in mine if isinstance(e, TokenEvent)] == results[i].token_ids
+        assert isinstance(mine[-1], FinishEvent) and mine[-1].result.token_ids == results[i].token_ids
+    kinds = [type(e).__name__ for e in events if e.request == 0]
+    first_perception = kinds.index("PerceptionEvent")
+    assert kinds[:first_perception] == ["TokenEvent"] * 4  # start, action, end, <|im_end|>
+    assert [e.round for e in events if isinstance(e, TokenEvent) and e.request == 0][4:] == [1] * 6
+
+
+def test_max_perception_rounds_zero_and_sampling(tiny_bundle):
+    b = tiny_bundle("region")
+    tok = b.tokenizer
+    engine = Engine(b)
+    image = rand_image(100, 100)
+    forced = [toks(tok, region(([3], [3])))]
+    (none,) = engine.generate([image], ["Q"], 8, forced, max_perception_rounds=0)
+    assert none.trace == [] and none.answer_ids == [] and none.finish_reason == "stop"
+    s1 = engine.generate([image, image], ["a", "b"], 8, do_sample=True, top_k=20, top_p=0.8, seed=5)
+    s2 = engine.generate([image, image], ["a", "b"], 8, do_sample=True, top_k=20, top_p=0.8, seed=5)
+    assert [r.token_ids for r in s1] == [r.token_ids for r in s2]
+    greedy = engine.generate([image, image], ["a", "b"], 8)
+    top1 = engine.generate([image, image], ["a", "b"], 8, do_sample=True, top_k=1, seed=9)
+    assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
+
+
+class ScriptedEngine(Engine):
+    """Forces every generated token from a script (all rounds), to reach a second perception."""
+
+    script: list[int] = []
+
+    def _choose(self, active, do_sample, top_k, top_p, generator):
+        chosen = super()._choose(active, do_sample, top_k, top_p, generator)
+        return [self.script[len(s.generated)] if len(s.generated) < len(self.script) else t for s, t in zip(active, chosen)]
+
+
+def test_second_perception_equals_a_fresh_prefill(tiny_bundle):
+    """After two region perceptions the cache gives the logits of the whole conversation read at once."""
+    from vpt_fast.reference import _mrope_positions, conversation, encode, region_prompt, user_content, vision_span
+
+    b = tiny_bundle("region")
+    tok, v, proc = b.tokenizer, b.vocab, b.processor
+    image = rand_image(196, 112, 8)
+    first_block, second_block = region(([2, 4], [5, 6])), region(([0], [0, 1]), ([6], [6]))
+    engine = ScriptedEngine(b)
+    engine.script = toks(tok, first_block) + toks(tok, second_block)
+    (r,) = engine.generate([image], ["<image>\nWhere?"], 12, max_perception_rounds=2, return_logits=True)
+    assert [t.kind for t in r.trace] == ["region", "region"]
+    crops1 = [proc.prepare_crop(image, box) for box in r.trace[0].boxes]
+    crops2 = [proc.prepare_crop(image, box) for box in r.trace[1].boxes]
+    first = proc.prepare(image)
+    span = lambda im: vision_span("<|image_pad|>", proc.token_count(im))
+    turns = [("user", user_content("<image>\nWhere?", span(first))),
+             ("assistant", first_block[: -len("<|im_end|>")]), ("user", region_prompt(1, [span(c) for c in crops1])),
+             ("assistant", second_block[: -len("<|im_end|>")]), ("user", region_prompt(2, [span(c) for c in crops2]))]
+    ids = torch.tensor([encode(tok, conversation(turns))])
+    pixels, grid = proc.qwen_inputs([first, *crops1, *crops2])
+    with torch.no_grad():
+        logits = b.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                         mm_token_type_ids=(ids == v.image_pad).int()).logits[0, -1]
+    n_before_answer = len(toks(tok, first_block)) + len(toks(tok, second_block))
+    assert (r.logits[n_before_answer] - logits).abs().max() <= 1e-4
+
+
+def test_accelerate_a_loaded_model(tiny_bundle):
+    b = tiny_bundle("clip")
+    engine = vpt_fast.accelerate(b.model, b.tokenizer, clip_projector=b.clip_projector, vpt_config=b.vpt_config.to_dict())
+    image = rand_image(84, 84, 2)
+    forced = [toks(b.tokenizer, action("clip"))]
+    (mine,) = engine.generate([image], ["What?"], 6, forced)
+    (loaded,) = Engine(b).generate([image], ["What?"], 6, forced)
+    assert mine.token_ids == loaded.token_ids and mine.trace[0].kind == "clip"
+    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
+        vpt_fast.accelerate(torch.nn.Linear(2, 2), b.tokenizer)
+    with pytest.raises(TypeError, match="processor must be"):
+        vpt_fast.accelerate(b.model, object())
+    with pytest.raises(ValueError, match="a clip projector was given but vpt_config names no clip action"):
+        vpt_fast.accelerate(b.model, b.tokenizer, clip_projector=b.clip_projector)
+
+
+def test_engine_argument_errors(tiny_bundle):
+    engine = Engine(tiny_bundle("region"))
+    image = rand_image(32, 32)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        engine.generate([image], ["a"], 0)
+    with pytest.raises(ValueError, match="1 images for 2 prompts"):
+        engine.generate([image], ["a", "b"])
+    with pytest.raises(ValueError, match="max_perception_rounds"):
+        engine.generate([image], ["a"], max_perception_rounds=-1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Engine(tiny_bundle("region"), max_seq_len=1)
