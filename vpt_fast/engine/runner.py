@@ -79,7 +79,11 @@ class Runner:
         S = int(total.max())
         keys = torch.arange(S, device=embeds.device)
         # key j is visible to query i of row b when it exists and is not in the future
-        mask = (keys[None, None, :] < total[:, None, None]) & (keys[None, None, :] <= (lengths[:, None] + offs[None, :])[:, :, None])
+        live = keys[None, :] < total[:, None]  # (B, S): below the row's length after this call
+        mask = live[:, None, :] & (keys[None, None, :] <= (lengths[:, None] + offs[None, :])[:, :, None])
+        # positions past a row's length hold stale entries (rolled back, another sequence's, never
+        # written); a masked NaN/inf still poisons the attention, so they are zeroed, not just masked
+        live_kv = live[:, :, None, None]
         cos, sin = self.rotary(embeds, positions)  # (B, T, D)
         cos_h, sin_h = cos[:, :, None, :], sin[:, :, None, :]
         flat_cos, flat_sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
@@ -95,8 +99,8 @@ class Runner:
             q = self._rope(q, cos_h, sin_h)
             k_cache, v_cache = cache.layer(i)
             kv_splice(k, v, k_cache, v_cache, slot_mapping, flat_cos, flat_sin)
-            K = k_cache[slots, :S].transpose(1, 2)  # (B, kvh, S, D)
-            V = v_cache[slots, :S].transpose(1, 2)
+            K = torch.where(live_kv, k_cache[slots, :S], 0).transpose(1, 2)  # (B, kvh, S, D)
+            V = torch.where(live_kv, v_cache[slots, :S], 0).transpose(1, 2)
             if groups > 1:
                 K = K.repeat_interleave(groups, dim=1)
                 V = V.repeat_interleave(groups, dim=1)
