@@ -28,6 +28,7 @@ from ..ops import mrope_positions
 from ..preprocess import load_image
 from ..reference import _sample, conversation, encode, plan_perception, user_content, vision_span
 from .cache import KVCache
+from .decode import BUCKETS, DecodeStep
 from .perception import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs, body_of,
                          count_image_runs, longest_common_prefix)
 from .runner import Runner
@@ -55,12 +56,22 @@ class FinishEvent:
 class Engine:
     """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`)."""
 
-    def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096):
+    def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
+                 cuda_graphs: bool | None = None):
+        """max_seq_len: cache positions per request; max_batch_size: requests decoded together
+        (larger calls run in chunks of this size); cuda_graphs: capture decode steps (default:
+        on when the model is on a CUDA device)."""
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= BUCKETS[-1]:
+            raise ValueError(f"max_batch_size must be an int in [1, {BUCKETS[-1]}], got {max_batch_size!r}")
         self.bundle = bundle
         self.runner = Runner(bundle.model)
         self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.cuda_graphs = self.runner.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._cache: KVCache | None = None
+        self._decoder: DecodeStep | None = None
         self.vocab = bundle.vocab
         vcfg = bundle.vpt_config
         self.two_pass = vcfg.two_pass
@@ -118,9 +129,26 @@ class Engine:
         torch.manual_seed(seed)
         self._return_logits = return_logits
         self._logits_log: dict[int, list[torch.Tensor]] = {}
+        args = (do_sample, top_k, top_p, generator, max_new_tokens, answer_max_new_tokens, max_perception_rounds)
+        for first in range(0, len(prompts), self.max_batch_size):
+            chunk = range(first, min(first + self.max_batch_size, len(prompts)))
+            yield from self._stream_chunk([(i, images[i], prompts[i], forced[i]) for i in chunk], *args)
 
+    def _slot_cache(self, slots: int) -> KVCache:
+        """The engine's cache with room for `slots` sequences (plus the decode scratch slot), kept across calls."""
+        if self._cache is None or self._cache.slots < slots + 1:
+            layers, kv_heads, head_dim = self._cache_shape
+            self._cache = None
+            self._decoder = None
+            self._cache = KVCache(layers, slots + 1, self.max_seq_len, kv_heads, head_dim, self.runner.dtype, self.device)
+            self._decoder = DecodeStep(self.runner, self._cache, self.cuda_graphs)
+        self._cache.lengths.zero_()
+        return self._cache
+
+    def _stream_chunk(self, requests, do_sample, top_k, top_p, generator, max_new_tokens, answer_max_new_tokens,
+                      max_perception_rounds):
         seqs: list[SequenceState] = []
-        for i, (image, prompt) in enumerate(zip(images, prompts)):
+        for i, image, prompt, forced in requests:
             try:
                 original = load_image(image)
                 first = self.bundle.processor.prepare(original)
@@ -129,12 +157,11 @@ class Engine:
                 yield FinishEvent(i, GenerationResult([], [], [], "", "error", error=f"request {i}: {e}"))
                 continue
             ids = encode(self.bundle.tokenizer, conversation([("user", user)]))
-            seqs.append(SequenceState(i, len(seqs), original, first, user, ids, forced[i], max_new_tokens,
+            seqs.append(SequenceState(i, len(seqs), original, first, user, ids, forced, max_new_tokens,
                                       answer_max_new_tokens))
         if not seqs:
             return
-        layers, kv_heads, head_dim = self._cache_shape
-        cache = KVCache(layers, len(seqs), self.max_seq_len, kv_heads, head_dim, self.runner.dtype, self.device)
+        cache = self._slot_cache(len(seqs))
 
         fits = []
         for s in seqs:
@@ -185,7 +212,7 @@ class Engine:
 
             steps = []
             for s, t in decode:
-                if cache.room(s.slot) < 1:
+                if len(s.ids) >= self.max_seq_len:
                     s.finish("length")
                     s.error = f"the cache slot is full ({self.max_seq_len} tokens)"
                 else:
@@ -215,21 +242,20 @@ class Engine:
         return _sample(scores, do_sample, top_k, top_p, generator).tolist()
 
     def _decode(self, cache: KVCache, steps: list[tuple[SequenceState, int]]) -> None:
-        """One new token for each of several sequences."""
-        ids = torch.tensor([[t] for _, t in steps], device=self.device)
-        embeds = self.runner.embed(ids)
-        for b, (s, t) in enumerate(steps):
+        """One new token for each of several sequences (a captured graph on CUDA)."""
+        overrides = []
+        for s, t in steps:
             if self.two_pass and t in self.action_ids:
                 s.control = self._hidden_before(s, len(s.ids))
-                embeds[b, 0] = s.control
-        positions = torch.tensor([s.next_position for s, _ in steps], device=self.device)[None, :, None].expand(3, -1, 1)
-        slots = torch.tensor([s.slot for s, _ in steps], device=self.device)
-        hidden = self.runner.forward(embeds, positions, cache, slots, torch.ones_like(slots))
-        logits = self.runner.logits(hidden[:, 0])
+                overrides.append(s.control)
+            else:
+                overrides.append(None)
+        positions = [s.next_position for s, _ in steps]
+        logits, hidden = self._decoder([t for _, t in steps], overrides, positions, [s.slot for s, _ in steps])
         for b, (s, t) in enumerate(steps):
-            s.appended([t], positions[:, b].cpu())
+            s.appended([t], torch.full((3, 1), positions[b]))
             s.logits = logits[b]
-            s.last_hidden = (len(s.ids) - 1, hidden[b, 0])
+            s.last_hidden = (len(s.ids) - 1, hidden[b])
 
     @staticmethod
     def _hidden_before(s: SequenceState, index: int) -> torch.Tensor:

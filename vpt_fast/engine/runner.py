@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import kv_splice
+from ..ops.decode_attention import decode_attention
 from .cache import KVCache
 
 
@@ -113,5 +114,38 @@ class Runner:
         cache.lengths[slots] = total
         return self._norm(x, self.text.norm.weight)
 
+    @torch.no_grad()
+    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """One new token per row, with no host synchronisation and fixed shapes (CUDA-graph safe).
+
+        embeds (B, H); positions (3, B); slots (B,). Each row's token is written at its
+        slot's length (read on the device) and attends to everything up to it; lengths
+        grow by one. Returns the final hidden states (B, H).
+        """
+        B = embeds.shape[0]
+        lengths = cache.lengths[slots]
+        slot_mapping = slots * cache.max_len + lengths
+        seq_lens = lengths + 1
+        x = embeds[:, None, :]
+        cos, sin = self.rotary(x, positions[:, :, None])  # (B, 1, D)
+        cos, sin = cos[:, 0], sin[:, 0]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = self._norm(x, layer.input_layernorm.weight)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, self.num_heads, self.head_dim)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, self.num_kv_heads, self.head_dim)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, self.num_kv_heads, self.head_dim)
+            q = self._rope(q, cos[:, None, :], sin[:, None, :])
+            k_cache, v_cache = cache.layer(i)
+            kv_splice(k, v, k_cache, v_cache, slot_mapping, cos, sin, check=False)
+            o = decode_attention(q, k_cache, v_cache, slots, seq_lens, self.head_dim**-0.5, check=False)
+            x = x + F.linear(o.reshape(B, 1, self.num_heads * self.head_dim), attn.o_proj.weight)
+            h = self._norm(x, layer.post_attention_layernorm.weight)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        cache.lengths[slots] = seq_lens
+        return self._norm(x, self.text.norm.weight)[:, 0]
+
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

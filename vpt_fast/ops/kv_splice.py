@@ -71,8 +71,14 @@ def _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin) -> None:
             raise ValueError(f"kv_splice: slots must be -1 (skip) or in [0, {capacity}), got values in [{lo}, {hi}]")
 
 
-def kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None, *, backend: str | None = None) -> None:
-    """Write k_new/v_new (tokens, kv_heads, head_dim) into the caches at `slot_mapping`, in place."""
-    _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
+def kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None, *, backend: str | None = None,
+              check: bool = True) -> None:
+    """Write k_new/v_new (tokens, kv_heads, head_dim) into the caches at `slot_mapping`, in place.
+
+    check=False skips validation: for callers whose shapes are right by construction and
+    that must not synchronise with the device (a captured decode step).
+    """
+    if check:
+        _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
     choose("kv_splice", backend, {"torch": True})
     kv_splice_reference(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)

@@ -1,0 +1,1 @@
+"""Triton kernels, one per file with its host launcher."""

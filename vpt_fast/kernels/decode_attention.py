@@ -1,0 +1,65 @@
+"""Triton decode attention over the engine's slot cache, lengths read on the device.
+
+One program per (sequence, query head): it walks the sequence's keys in blocks up
+to its length (a device value, so the launch is the same for every step and can be
+captured in a CUDA graph) with an online softmax in float32. Grouped-query
+attention maps query head h to key/value head h // groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, scale,
+                             stride_qb, stride_qh, stride_cs, stride_cn, stride_ch, stride_ob, stride_oh,
+                             GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUPS
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    length = tl.load(lens_ptr + b)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d, mask=dmask, other=0.0).to(tl.float32) * scale
+    m_i = tl.full((), float("-inf"), tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    base = slot * stride_cs + kvh * stride_ch
+    start = 0
+    while start < length:  # a while loop: the bound is a device value, the same launch at every step
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < length
+        offs = base + n[:, None].to(tl.int64) * stride_cn + d[None, :]
+        mask2 = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        s = tl.where(nmask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(v_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+        start += BLOCK_N
+    out = acc / l_i
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, heads, D); caches (slots, max_len, kv_heads, D); -> (B, heads, D) in q's dtype."""
+    B, heads, D = q.shape
+    groups = heads // k_cache.shape[2]
+    out = torch.empty_like(q)
+    _decode_attention_kernel[(B, heads)](
+        q, k_cache, v_cache, out, slots, seq_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        GROUPS=groups, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=64,
+    )
+    return out
