@@ -123,3 +123,7 @@ def test_captured_decode_equals_eager_on_gpu(tiny_ckpt, variant):
     for e, g in zip(eager, graphs):
         assert e.token_ids == g.token_ids
         assert max((x - y).abs().max().item() for x, y in zip(e.logits, g.logits)) <= 1e-4
+    engine = Engine(b)
+    sampled = [engine.generate(images, ["a", "b", "c"], 8, forced, do_sample=True, top_k=10, top_p=0.9, seed=3)
+               for _ in range(2)]
+    assert [r.token_ids for r in sampled[0]] == [r.token_ids for r in sampled[1]]

@@ -395,7 +395,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     forced = _check_requests(bundle, images, prompts, forced_tokens)
     tok, vocab, proc, vcfg = bundle.tokenizer, bundle.vocab, bundle.processor, bundle.vpt_config
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device=bundle.model.lm_head.weight.device).manual_seed(seed)
     torch.manual_seed(seed)
 
     originals = [load_image(im) for im in images]

@@ -125,7 +125,7 @@ class Engine:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_perception_rounds" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'max_perception_rounds' else 'positive'} int, got {value!r}")
         forced = _check_requests(self.bundle, images, prompts, forced_tokens)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)
         self._return_logits = return_logits
         self._logits_log: dict[int, list[torch.Tensor]] = {}

@@ -1,0 +1,315 @@
+"""End-to-end: the single-pass engine against the two-round reference, in the same run.
+
+Qwen2-VL-2B / 7B shapes with random weights (bf16 on a GPU), or a small configuration
+on the CPU. Round-1 tokens are scripted; answers are 32 tokens (the end-of-turn token
+is kept out of reach so every answer has the same length). For each scenario both
+pipelines run on the same model and inputs; the table gives latency p50/p90,
+requests/s, tokens/s, peak memory, and the engine's speed-up. Decode ms/token is
+compared with the bandwidth floor (language-model weight bytes / measured copy
+bandwidth), and the splice (round end -> segment in the cache) with its parts
+(vision tower on the crop + prefill of a segment of the same length).
+
+    python benchmarks/e2e.py --shape 2b            # GPU, bf16
+    python benchmarks/e2e.py --shape tiny --device cpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, environment, percentile, sync, table, timed, write_results  # noqa: E402
+
+from vpt_fast import spec  # noqa: E402
+from vpt_fast.checkpoint import VPTBundle, VPTConfig, _dinov2_config, _qwen2vl_config  # noqa: E402
+from vpt_fast.engine import Engine  # noqa: E402
+from vpt_fast.preprocess import VPTImageProcessor  # noqa: E402
+from vpt_fast.projectors import ClipProjector, DetectionProjector  # noqa: E402
+from vpt_fast.reference import two_round_generate  # noqa: E402
+from vpt_fast.tiny import DINO, MROPE_SECTION, TEXT, VISION, build_tokenizer  # noqa: E402
+
+SHAPES = {
+    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                         max_position_embeddings=32768, hidden_act="silu", tie_word_embeddings=True),
+               vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, in_chans=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
+               mrope=[16, 24, 24], dino=None),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1e6,
+                         max_position_embeddings=32768, hidden_act="silu", tie_word_embeddings=False),
+               vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, in_chans=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
+               mrope=[16, 24, 24], dino=None),
+    "tiny": dict(text=dict(TEXT, vocab_size=400, tie_word_embeddings=False), vision=dict(VISION), mrope=MROPE_SECTION,
+                 dino=dict(DINO)),
+}
+ANSWER_TOKENS = 32
+QUESTION = "<image>\nWhat is the color of the car? " + spec.REGION_TRIGGER + "."
+
+
+def build_bundle(shape: str, kind: str, dtype: torch.dtype, device: torch.device) -> VPTBundle:
+    """A random-weight VPT bundle of the given shape with a clip or dino branch (region tokens always)."""
+    from transformers import Dinov2Model, Qwen2VLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    s = SHAPES[shape]
+    tok = build_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    flat = dict(s["text"], rope_scaling={"type": "mrope", "mrope_section": s["mrope"]}, vision_config=dict(s["vision"]),
+                image_token_id=ids(spec.IMAGE_PAD), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids(spec.VISION_START), vision_end_token_id=ids(spec.VISION_END),
+                bos_token_id=ids(spec.PAD_TOKEN), eos_token_id=ids(spec.IM_END), pad_token_id=ids(spec.PAD_TOKEN))
+    vpt = {"num_inner_forward_run": 2, "vision_encoder_ls": [kind], "model_type": "qwen2_vl_vpt"}
+    prefix = {"clip": "clip", "dino": "detection"}[kind]
+    t = spec.ACTION_TOKENS[kind]
+    vpt.update({f"{prefix}_action_start_id": ids(t.start), f"{prefix}_action_id": ids(t.action),
+                f"{prefix}_image_token_id": ids(t.pad)})
+    cfg = _qwen2vl_config(flat)
+    cfg._attn_implementation = "sdpa"
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.device(device), no_init_weights():
+        model = Qwen2VLForConditionalGeneration(cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+
+    def randomize(module):
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02, generator=g)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.fill_(1.0)
+
+    randomize(model)
+    with torch.no_grad():  # the end-of-turn logit stays below the random maximum: answers run to full length
+        model.lm_head.weight[ids(spec.IM_END)] = 0
+    model.to(dtype).eval()
+    bundle = VPTBundle(model=model, tokenizer=tok, processor=VPTImageProcessor(), vpt_config=VPTConfig.from_dict(vpt),
+                       vocab=spec.Vocab.from_tokenizer(tok))
+    hidden = s["text"]["hidden_size"]
+    if kind == "clip":
+        bundle.clip_projector = ClipProjector(hidden).to(device)
+        randomize(bundle.clip_projector)
+        bundle.clip_projector.to(dtype).eval()
+    else:
+        dcfg = _dinov2_config(s["dino"])
+        with torch.device(device), no_init_weights():
+            bundle.detection_model = Dinov2Model(dcfg)
+            bundle.detection_projector = DetectionProjector(dcfg.hidden_size, hidden)
+        randomize(bundle.detection_model)
+        randomize(bundle.detection_projector)
+        bundle.detection_model.to(dtype).eval()
+        bundle.detection_projector.to(dtype).eval()
+    return bundle
+
+
+def image(seed: int, w: int = 640, h: int = 480) -> Image.Image:
+    rs = np.random.RandomState(seed)
+    return Image.fromarray(rs.randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def forced_ids(tok, what: str) -> list[int]:
+    text = {
+        "region": "<|region_token_start|><|x_2|><|y_3|><|x_5|><|y_5|><|region_token_end|><|im_end|>",
+        "clip": "<|clip_action_start|><|clip_action|><|clip_action_end|><|im_end|>",
+        "dino": "<|detection_action_start|><|detection_action|><|detection_action_end|><|im_end|>",
+        "none": "The car is red.<|im_end|>",
+    }[what]
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def scenarios(quick: bool):
+    mixed = [("region", "clip", "none")[i % 3] for i in range(32)]
+    return [
+        ("region B=1", "clip", ["region"]),
+        ("clip B=1", "clip", ["clip"]),
+        ("dino B=1", "dino", ["dino"]),
+        ("mixed B=32", "clip", mixed),
+        ("plain B=1 (no VPT)", "clip", [None]),
+    ]
+
+
+def run_scenario(bundle, engine, kinds, device, reps):
+    tok = bundle.tokenizer
+    images = [image(i) for i in range(len(kinds))]
+    prompts = [QUESTION] * len(kinds)
+    forced = [forced_ids(tok, k) if k else None for k in kinds]
+    r1 = max((len(f) for f in forced if f), default=64)
+    r1 = 64 if None in kinds else r1
+    rows = {}
+    runs = {
+        "engine": lambda: engine.generate(images, prompts, r1, forced, answer_max_new_tokens=ANSWER_TOKENS),
+        "reference": lambda: two_round_generate(bundle, images, prompts, r1, forced, answer_max_new_tokens=ANSWER_TOKENS),
+    }
+    for name, fn in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out = []
+        times = timed(lambda: out.append(fn()), device, reps, warmup=1)
+        results = out[-1]
+        tokens = sum(len(r.round1_ids) + len(r.answer_ids) for r in results)
+        p50 = statistics.median(times)
+        rows[name] = dict(p50_s=p50, p90_s=percentile(times, 90), req_per_s=len(kinds) / p50, tok_per_s=tokens / p50,
+                          peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                          tokens=tokens)
+        if name == "engine":
+            rows[name]["splice_s"] = [t.seconds for r in results for t in r.trace]
+            rows[name]["spliced_tokens"] = [t.tokens_spliced for r in results for t in r.trace]
+    return rows
+
+
+def decode_ms_per_token(engine: Engine, bundle, device, steps: int = 128) -> float:
+    """Steady decode at B=1 through the engine's decode step (captured on CUDA), host overhead included."""
+    tok = bundle.tokenizer
+    engine.generate([image(0)], [QUESTION], 4)  # warm: cache, graphs
+    decoder = engine._decoder
+    start = len(tok(QUESTION)["input_ids"]) + 300
+    engine._cache.lengths.zero_()
+    engine._cache.lengths[0] = start
+    sync(device)
+    t = time.perf_counter()
+    for i in range(steps):
+        decoder([100 + i % 50], [None], [start + i], [0])
+    sync(device)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def splice_parts(engine: Engine, bundle, device, spliced: int, reps: int) -> float:
+    """Seconds of [vision tower on the region crop + prefill of a segment of `spliced` tokens]."""
+    proc, model = bundle.processor, bundle.model
+    original = image(0)
+    w, h = original.size
+    box = spec.region_box((2, 3, 5, 5), w, h)
+
+    def vision():
+        crop = proc.prepare_crop(original, box)
+        pixels, grid = proc.qwen_inputs([crop])
+        with torch.no_grad():
+            model.model.visual(pixels.to(device, engine.runner.dtype), grid_thw=grid.to(device))
+
+    cache = engine._slot_cache(1)
+    embeds = torch.randn(1, spliced, engine.runner.hidden_size, device=device, dtype=engine.runner.dtype)
+    positions = torch.arange(400, 400 + spliced, device=device)[None, None].expand(3, 1, -1)
+
+    def prefill():
+        cache.lengths[0] = 400
+        engine.runner.forward(embeds, positions, cache, torch.tensor([0], device=device), torch.tensor([spliced], device=device))
+
+    return statistics.median(timed(vision, device, reps)) + statistics.median(timed(prefill, device, reps))
+
+
+def plot(rows, decode_rows, path: Path, card_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [r["scenario"] for r in rows]
+    x = np.arange(len(names))
+    axes[0].bar(x - 0.2, [r["reference_p50_s"] for r in rows], 0.4, label="two-round reference")
+    axes[0].bar(x + 0.2, [r["engine_p50_s"] for r in rows], 0.4, label="vpt_fast engine")
+    axes[0].set_yscale("log")
+    axes[0].set_xticks(x, names, rotation=20, ha="right")
+    axes[0].set_ylabel("latency p50 (s)")
+    axes[0].legend()
+    axes[0].set_title(f"End to end, {card_name}")
+    axes[1].bar([r["shape"] for r in decode_rows], [r["decode_ms_per_token"] for r in decode_rows], label="engine decode")
+    axes[1].scatter([r["shape"] for r in decode_rows], [r["floor_ms"] for r in decode_rows], color="k", zorder=3,
+                    label="bandwidth floor")
+    axes[1].set_ylabel("ms / token, B=1")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, 2B only on a GPU")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = args.shape or (["2b"] if args.quick else ["2b", "7b"]) if device.type == "cuda" else (args.shape or ["tiny"])
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    reps = args.reps or (2 if args.quick else 5)
+    env = environment(device)
+    bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
+    print(f"{env['card']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+
+    rows, decode_rows = [], []
+    for shape in shapes:
+        bundles = {}
+        plan = scenarios(args.quick)
+        for name, kind, kinds in tqdm(plan, desc=f"{shape} scenarios"):
+            if kind not in bundles:
+                bundles[kind] = build_bundle(shape, kind, dtype, device)
+            bundle = bundles[kind]
+            engine = Engine(bundle, max_seq_len=1024, max_batch_size=32)
+            r = run_scenario(bundle, engine, kinds, device, reps)
+            row = dict(shape=shape, scenario=name, batch=len(kinds))
+            for pipe in ("engine", "reference"):
+                for k, v in r[pipe].items():
+                    if not isinstance(v, list):
+                        row[f"{pipe}_{k}"] = v
+            row["speedup"] = r["reference"]["p50_s"] / r["engine"]["p50_s"]
+            row["throughput_ratio"] = r["engine"]["req_per_s"] / r["reference"]["req_per_s"]
+            if name == "region B=1" and r["engine"]["splice_s"]:
+                row["splice_s"] = statistics.median(r["engine"]["splice_s"])
+                parts = splice_parts(engine, bundle, device, r["engine"]["spliced_tokens"][0], reps)
+                row["splice_parts_s"] = parts
+                row["splice_ratio"] = row["splice_s"] / parts
+            if name.startswith("plain"):
+                lm = bundle.model.model.language_model
+                weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+                if bundle.model.lm_head.weight.data_ptr() != lm.embed_tokens.weight.data_ptr():
+                    weight_bytes += bundle.model.lm_head.weight.numel() * bundle.model.lm_head.weight.element_size()
+                ms = decode_ms_per_token(engine, bundle, device)
+                floor = weight_bytes / (bw / 2) * 1e3  # reading the weights once per token at the copy's read rate
+                decode_rows.append(dict(shape=shape, decode_ms_per_token=ms, floor_ms=floor, ratio_to_floor=ms / floor,
+                                        weight_gb=weight_bytes / 1e9))
+            rows.append(row)
+            print(f"  {shape} {name}: engine {row['engine_p50_s']:.3f}s, reference {row['reference_p50_s']:.3f}s, "
+                  f"x{row['speedup']:.1f}")
+        del bundles
+
+    md = "### End to end (p50 latency, same run)\n\n" + table(rows, [
+        ("shape", "shape"), ("scenario", "scenario"), ("batch", "B"), ("reference_p50_s", "reference p50 s"),
+        ("reference_p90_s", "ref p90 s"), ("engine_p50_s", "engine p50 s"), ("engine_p90_s", "engine p90 s"),
+        ("speedup", "speed-up"), ("engine_req_per_s", "engine req/s"), ("reference_req_per_s", "ref req/s"),
+        ("engine_tok_per_s", "engine tok/s"), ("engine_peak_gib", "engine peak GiB"),
+        ("reference_peak_gib", "ref peak GiB")])
+    splice = [r for r in rows if "splice_s" in r]
+    if splice:
+        md += "\n\n### Splice (round end -> segment in the cache) vs its parts\n\n" + table(splice, [
+            ("shape", "shape"), ("splice_s", "splice s"), ("splice_parts_s", "vision + prefill s"),
+            ("splice_ratio", "ratio")])
+    md += "\n\n### Decode at B=1 vs the bandwidth floor\n\n" + table(decode_rows, [
+        ("shape", "shape"), ("decode_ms_per_token", "ms/token"), ("floor_ms", "floor ms"),
+        ("ratio_to_floor", "x floor"), ("weight_gb", "LM weights GB")])
+    md += f"\n\nCopy bandwidth measured: {bw / 1e12:.3f} TB/s (read + write)."
+    all_rows = rows + [dict(kind="decode", **r) for r in decode_rows]
+    js, mdp = write_results("e2e", env, all_rows, md)
+    png = mdp.with_suffix(".png")
+    plot(rows, decode_rows, png, env["card"])
+    print(md)
+    print(f"wrote {js}, {mdp}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
