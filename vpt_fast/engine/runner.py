@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..ops import kv_splice
 from ..ops.decode_attention import decode_attention
+from ..ops.norm import add_rms_norm, silu_mul
 from .cache import KVCache
 
 
@@ -31,6 +32,8 @@ class Runner:
         self.eps = cfg.rms_norm_eps
         self.rotary = text.rotary_emb
         self.lm_head = hf_model.lm_head
+        if cfg.hidden_act != "silu":
+            raise NotImplementedError(f"the runner implements Qwen2-VL's SiLU MLP, the model says {cfg.hidden_act!r}")
         if getattr(cfg, "use_sliding_window", False) and cfg.sliding_window is not None:
             if any(t == "sliding_attention" for t in cfg.layer_types):
                 raise NotImplementedError("sliding-window attention layers are not supported (no released VPT model uses them)")
@@ -126,12 +129,13 @@ class Runner:
         lengths = cache.lengths[slots]
         slot_mapping = slots * cache.max_len + lengths
         seq_lens = lengths + 1
-        x = embeds[:, None, :]
-        cos, sin = self.rotary(x, positions[:, :, None])  # (B, 1, D)
+        x = embeds.contiguous()
+        cos, sin = self.rotary(x[:, None, :], positions[:, :, None])  # (B, 1, D)
         cos, sin = cos[:, 0], sin[:, 0]
+        residual = None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = self._norm(x, layer.input_layernorm.weight)
+            x, h = add_rms_norm(x, residual, layer.input_layernorm.weight, self.eps)
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, self.num_heads, self.head_dim)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, self.num_kv_heads, self.head_dim)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, self.num_kv_heads, self.head_dim)
@@ -139,12 +143,13 @@ class Runner:
             k_cache, v_cache = cache.layer(i)
             kv_splice(k, v, k_cache, v_cache, slot_mapping, cos, sin, check=False)
             o = decode_attention(q, k_cache, v_cache, slots, seq_lens, self.head_dim**-0.5, check=False)
-            x = x + F.linear(o.reshape(B, 1, self.num_heads * self.head_dim), attn.o_proj.weight)
-            h = self._norm(x, layer.post_attention_layernorm.weight)
+            x, h = add_rms_norm(x, F.linear(o.reshape(B, self.num_heads * self.head_dim), attn.o_proj.weight),
+                                layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+            residual = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        x, h = add_rms_norm(x, residual, self.text.norm.weight, self.eps)
         cache.lengths[slots] = seq_lens
-        return self._norm(x, self.text.norm.weight)[:, 0]
+        return h
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
