@@ -44,10 +44,16 @@ def test_decode_attention_backends(heads, kv_heads, dim):
     k[0, 64:] = float("nan")  # stale entries past a length must never be read
     v[0, 64:] = float("nan")
     want = manual_attention(q, k, v, slots, lens, dim**-0.5)
+    cos, sin = torch.randn(3, dim, generator=g), torch.randn(3, dim, generator=g)
+    half = dim // 2
+    rotated = q * cos[:, None] + torch.cat((-q[..., half:], q[..., :half]), -1) * sin[:, None]
+    want_rotated = manual_attention(rotated, k, v, slots, lens, dim**-0.5)
     for backend in ("torch", "triton"):
         got = decode_attention(q, k, v, slots, lens, dim**-0.5, backend=backend)
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() <= 1e-5, backend
+        got = decode_attention(q, k, v, slots, lens, dim**-0.5, cos, sin, backend=backend)
+        assert (got - want_rotated).abs().max() <= 1e-5, backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -139,10 +139,9 @@ class Runner:
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, self.num_heads, self.head_dim)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, self.num_kv_heads, self.head_dim)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, self.num_kv_heads, self.head_dim)
-            q = self._rope(q, cos[:, None, :], sin[:, None, :])
             k_cache, v_cache = cache.layer(i)
             kv_splice(k, v, k_cache, v_cache, slot_mapping, cos, sin, check=False)
-            o = decode_attention(q, k_cache, v_cache, slots, seq_lens, self.head_dim**-0.5, check=False)
+            o = decode_attention(q, k_cache, v_cache, slots, seq_lens, self.head_dim**-0.5, cos, sin, check=False)
             x, h = add_rms_norm(x, F.linear(o.reshape(B, self.num_heads * self.head_dim), attn.o_proj.weight),
                                 layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp

@@ -14,10 +14,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, scale,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, cos_ptr, sin_ptr, scale,
                              stride_qb, stride_qh, stride_cs, stride_cn, stride_ch, stride_ob, stride_oh,
                              GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, ROTATE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUPS
@@ -25,7 +25,16 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, 
     length = tl.load(lens_ptr + b)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d, mask=dmask, other=0.0).to(tl.float32) * scale
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d, mask=dmask, other=0.0)
+    if ROTATE:  # rotate-half RoPE of the query, rounded to its dtype as the unfused path does
+        half = HEAD_DIM // 2
+        partner = tl.where(d < half, d + half, d - half)
+        other = tl.load(q_ptr + b * stride_qb + h * stride_qh + partner, mask=dmask, other=0.0).to(tl.float32)
+        other = tl.where(d < half, -other, other)
+        c = tl.load(cos_ptr + b * HEAD_DIM + d, mask=dmask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + b * HEAD_DIM + d, mask=dmask, other=0.0).to(tl.float32)
+        q = (q.to(tl.float32) * c + other * sn).to(q.dtype)
+    q = q.to(tl.float32) * scale
     m_i = tl.full((), float("-inf"), tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -52,14 +61,16 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, 
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, heads, D); caches (slots, max_len, kv_heads, D); -> (B, heads, D) in q's dtype."""
+                            seq_lens: torch.Tensor, scale: float, cos: torch.Tensor | None = None,
+                            sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, heads, D), rotated first by cos/sin (B, D) when given; caches (slots, max_len, kv_heads, D);
+    -> (B, heads, D) in q's dtype."""
     B, heads, D = q.shape
     groups = heads // k_cache.shape[2]
     out = torch.empty_like(q)
     _decode_attention_kernel[(B, heads)](
-        q, k_cache, v_cache, out, slots, seq_lens, scale,
+        q, k_cache, v_cache, out, slots, seq_lens, cos if cos is not None else q, sin if sin is not None else q, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        GROUPS=groups, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=64,
+        GROUPS=groups, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=64, ROTATE=cos is not None,
     )
     return out

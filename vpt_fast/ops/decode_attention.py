@@ -17,8 +17,17 @@ import torch.nn.functional as F
 from ._dispatch import choose, requested_backend
 
 
-def decode_attention_reference(q, k_cache, v_cache, slots, seq_lens, scale: float) -> torch.Tensor:
-    """q (B, heads, D); caches (slots, max_len, kv_heads, D); slots, seq_lens (B,) -> (B, heads, D)."""
+def _rotate(q, cos, sin):
+    half = q.shape[-1] // 2
+    return q * cos[:, None, :] + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin[:, None, :]
+
+
+def decode_attention_reference(q, k_cache, v_cache, slots, seq_lens, scale: float, cos=None, sin=None) -> torch.Tensor:
+    """q (B, heads, D); caches (slots, max_len, kv_heads, D); slots, seq_lens (B,) -> (B, heads, D).
+
+    With cos/sin (B, D), the query is rotated first (rotate-half RoPE, as transformers does)."""
+    if cos is not None:
+        q = _rotate(q, cos, sin)
     B, heads, D = q.shape
     kv_heads, max_len = k_cache.shape[2], k_cache.shape[1]
     live = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # (B, max_len)
@@ -63,14 +72,17 @@ def _check(q, k_cache, v_cache, slots, seq_lens) -> None:
         raise ValueError(f"decode_attention: q is {q.dtype}, the cache {k_cache.dtype}")
 
 
-def decode_attention(q, k_cache, v_cache, slots, seq_lens, scale: float, *, backend: str | None = None,
-                     check: bool = True) -> torch.Tensor:
-    """Attention of each sequence's new query over its first seq_lens[b] cached keys.
+def decode_attention(q, k_cache, v_cache, slots, seq_lens, scale: float, cos=None, sin=None, *,
+                     backend: str | None = None, check: bool = True) -> torch.Tensor:
+    """Attention of each sequence's new query over its first seq_lens[b] cached keys; with
+    cos/sin (B, head_dim) the query's RoPE is applied first (fused in the Triton kernel).
 
     check=False skips validation (the engine's decode step, whose shapes are fixed by construction).
     """
     if check:
         _check(q, k_cache, v_cache, slots, seq_lens)
+        if (cos is None) != (sin is None) or (cos is not None and cos.shape != (q.shape[0], q.shape[-1])):
+            raise ValueError(f"decode_attention: cos and sin must both be ({q.shape[0]}, {q.shape[-1]}) or both None")
     on_cuda = q.device.type == "cuda"
     requested = requested_backend(backend)
     options = {
@@ -82,11 +94,13 @@ def decode_attention(q, k_cache, v_cache, slots, seq_lens, scale: float, *, back
     if name == "cuda":
         from flash_attn import flash_attn_with_kvcache
 
+        if cos is not None:
+            q = _rotate(q, cos, sin)
         out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
                                       cache_batch_idx=slots.to(torch.int32), softmax_scale=scale, causal=True)
         return out[:, 0]
     if name == "triton":
         from ..kernels.decode_attention import decode_attention_triton
 
-        return decode_attention_triton(q, k_cache, v_cache, slots, seq_lens, scale)
-    return decode_attention_reference(q, k_cache, v_cache, slots, seq_lens, scale)
+        return decode_attention_triton(q, k_cache, v_cache, slots, seq_lens, scale, cos, sin)
+    return decode_attention_reference(q, k_cache, v_cache, slots, seq_lens, scale, cos, sin)
