@@ -1,0 +1,102 @@
+"""Inputs and plain-torch references shared by the extension tests (test_ext_cpu.py, test_ext_gpu.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from vpt_fast.ops.kv_splice import kv_splice_reference
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BLOCK = 16  # paged layout block size
+INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}
+
+
+# ----------------------------------------------------------------------------- crop_patch_rows
+
+
+def crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, patch_size: int, merge_size: int) -> torch.Tensor:
+    """Gather; weighted sum along x for each tap row, rounded half up and clipped to 0..255; then
+    along y, rounded again (PIL's two 8-bit passes); normalize; cut into patch rows in the
+    Qwen2-VL processor's order (merge block row, merge block column, i, j), values (c, py, px)."""
+    img = image.float()
+    taps = img[iy.long()][:, :, ix.long()]  # (H', Ky, W', Kx, 3)
+    rows = torch.floor(torch.einsum("yaxbc,xb->yaxc", taps, wx) + 0.5).clamp(0, 255)
+    out = torch.floor(torch.einsum("yaxc,ya->yxc", rows, wy) + 0.5).clamp(0, 255)
+    out = (out * (1 / 255) - mean) / std
+    p, m = patch_size, merge_size
+    gh, gw = out.shape[0] // p, out.shape[1] // p
+    x = out.permute(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)  # c, hb, i, py, wb, j, px
+    return x.permute(1, 4, 2, 5, 0, 3, 6).reshape(gh * gw, 3 * p * p)
+
+
+def crop_inputs(img_hw, out_hw, taps, gen: torch.Generator, device="cpu", normalized: bool = True):
+    """A random uint8 image and random sampling tables: `taps` = (Ky, Kx) source indices per
+    output row/column, anywhere in the image, with positive weights (summing to 1 when
+    `normalized`) or signed ones (as bicubic kernels have)."""
+    (img_h, img_w), (out_h, out_w), (ky, kx) = img_hw, out_hw, taps
+    image = torch.randint(0, 256, (img_h, img_w, 3), generator=gen, dtype=torch.uint8)
+    iy = torch.randint(0, img_h, (out_h, ky), generator=gen, dtype=torch.int32)
+    ix = torch.randint(0, img_w, (out_w, kx), generator=gen, dtype=torch.int32)
+    if normalized:
+        wy = torch.rand(out_h, ky, generator=gen) + 0.05
+        wx = torch.rand(out_w, kx, generator=gen) + 0.05
+        wy, wx = wy / wy.sum(1, keepdim=True), wx / wx.sum(1, keepdim=True)
+    else:
+        wy = torch.randn(out_h, ky, generator=gen) * 0.6
+        wx = torch.randn(out_w, kx, generator=gen) * 0.6
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    return [t.to(device) for t in (image, iy, wy, ix, wx, mean, std)]
+
+
+# ----------------------------------------------------------------------------- kv_splice
+
+
+def splice_inputs(layout: str, tokens: int, heads: int, dim: int, gen: torch.Generator, *, in_dtype=torch.float32,
+                  cache_dtype=torch.float32, rotate: bool = False, pad: int = 3, skip: float = 0.25, device="cpu"):
+    """Arguments of kv_splice: new keys/values padded with `pad` extra rows, NaN-poisoned caches
+    of the engine's layout (sequences x max_len) or a paged one (blocks of BLOCK), int64 slots
+    with about `skip` of them -1, and cos/sin tables (padded too) when `rotate`."""
+    if layout == "engine":
+        sequences, max_len = 3, tokens + 5
+        shape = (sequences, max_len, heads, dim)
+        # runs of consecutive positions, one run per sequence, as the engine appends
+        counts = [tokens // sequences + (i < tokens % sequences) for i in range(sequences)]
+        parts = [s * max_len + int(torch.randint(0, max_len - c + 1, (1,), generator=gen)) + torch.arange(c)
+                 for s, c in zip(torch.randperm(sequences, generator=gen).tolist(), counts)]
+        slots = torch.cat(parts)
+    else:
+        shape = (-(-tokens // BLOCK) + 2, BLOCK, heads, dim)
+        slots = torch.randperm(shape[0] * BLOCK, generator=gen)[:tokens]
+    slots = torch.where(torch.rand(tokens, generator=gen) < skip, -1, slots).to(torch.int64)
+    n = tokens + pad
+    k_new = torch.randn(n, heads, dim, generator=gen).to(in_dtype)
+    v_new = torch.randn(n, heads, dim, generator=gen).to(in_dtype)
+    k_cache = torch.full(shape, float("nan"), dtype=cache_dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=cache_dtype)
+    cos = sin = None
+    if rotate:
+        angle = torch.rand(n, dim // 2, generator=gen) * 40
+        angle = torch.cat([angle, angle], dim=-1)
+        cos, sin = angle.cos().to(in_dtype), angle.sin().to(in_dtype)
+    moved = [None if t is None else t.to(device) for t in (k_new, v_new, k_cache, v_cache, slots, cos, sin)]
+    return moved
+
+
+def reference_caches(k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
+    """The caches kv_splice_reference leaves, from copies of the given ones."""
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    kv_splice_reference(k_new, v_new, k_exp, v_exp, slots, cos, sin)
+    return k_exp, v_exp
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit-for-bit equality, NaN (untouched poison) where NaN, listing the first mismatches."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    view = INT_VIEW[actual.dtype]
+    same = (actual.view(view) == expected.view(view)) | (actual.isnan() & expected.isnan())
+    if not bool(same.all()):
+        bad = (~same).nonzero()[:8].tolist()
+        raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} entries differ, first at {bad}: "
+                             f"{[actual[tuple(i)].item() for i in bad]} vs {[expected[tuple(i)].item() for i in bad]}")

@@ -1,0 +1,160 @@
+"""The compiled kernels of csrc/, as an optional extension: `torch.ops.vpt_fast_ext.*`.
+
+`load()` returns the ops namespace or None, and never raises: vpt_fast works without the
+extension (the ops fall back to their torch or Triton backends and say so). It uses, in
+order of preference:
+
+1. `vpt_fast._C`, built by setup.py when torch with CUDA and a CUDA toolkit were present
+   at install time (CPU and CUDA kernels);
+2. a build on first use with `torch.utils.cpp_extension.load` (needs ninja and a C++
+   compiler; adds the CUDA kernels when a GPU, CUDA torch and a CUDA toolkit are present)
+   into `$VPT_FAST_BUILD_DIR` or `~/.cache/vpt_fast/`, one folder per torch/Python/CUDA
+   combination, reused by later processes.
+
+The outcome is kept for the process; why it failed is logged once (logger "vpt_fast.ops").
+`VPT_FAST_NO_EXT=1` turns the extension off. `available(device_type)` says whether the
+extension has kernels for "cpu" or "cuda" tensors, or why not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+NAMESPACE = "vpt_fast_ext"
+OPS = ("kv_splice", "crop_patch_rows")
+SOURCES = ("vpt_ops.cpp", "vpt_ops_cuda.cu", "vpt_ops.h")
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]  # no fused multiply-add: float32 kv_splice matches torch bit for bit
+CUDA_FLAGS = ["-O3"]
+
+logger = logging.getLogger("vpt_fast.ops")
+_lock = threading.Lock()
+# "ops": the namespace or None; "reason": why it is None; "no_cuda": why a build from source left
+# out the CUDA kernels.
+_result: dict[str, object] = {}
+
+
+def disabled() -> bool:
+    return os.environ.get("VPT_FAST_NO_EXT", "") not in ("", "0")
+
+
+def source_dir() -> Path | None:
+    """csrc/ shipped inside the installed package, else the source checkout's top-level csrc/."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if all((candidate / name).is_file() for name in SOURCES):
+            return candidate
+    return None
+
+
+def build_dir(with_cuda: bool) -> Path:
+    root = Path(os.environ.get("VPT_FAST_BUILD_DIR") or Path.home() / ".cache" / "vpt_fast")
+    variant = f"cuda{torch.version.cuda}" if with_cuda else "cpu"
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{variant}"
+    return root / re.sub(r"[^A-Za-z0-9._-]", "_", tag)
+
+
+def _cuda_build_reason() -> str | None:
+    """None when the CUDA kernels can be built here, else why not."""
+    if torch.version.cuda is None:
+        return "torch has no CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    if not (Path(CUDA_HOME) / "include" / "cuda_runtime.h").is_file():
+        return f"CUDA_HOME={CUDA_HOME} holds no include/cuda_runtime.h (set CUDA_HOME to the toolkit's root)"
+    return None
+
+
+def _import_prebuilt() -> bool:
+    try:
+        importlib.import_module("vpt_fast._C")
+    except ModuleNotFoundError as err:
+        if err.name != "vpt_fast._C":
+            logger.warning("vpt_fast._C cannot be imported (%s); building the extension from source", err)
+        return False
+    except (ImportError, OSError) as err:  # e.g. built against another torch
+        logger.warning("vpt_fast._C cannot be imported (%s); building the extension from source", err)
+        return False
+    return True
+
+
+def _build(verbose: bool) -> tuple[str, str | None]:
+    """Build and import the extension from csrc/; returns a description of what was built and
+    why the CUDA kernels were left out (None when they are in)."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.verify_ninja_availability()
+    csrc = source_dir()
+    if csrc is None:
+        raise RuntimeError(f"the C++/CUDA sources ({', '.join(SOURCES)}) are not installed with vpt_fast")
+    no_cuda = _cuda_build_reason()
+    with_cuda = no_cuda is None
+    sources = [str(csrc / "vpt_ops.cpp")] + ([str(csrc / "vpt_ops_cuda.cu")] if with_cuda else [])
+    directory = build_dir(with_cuda)
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cpp_extension.load(name=NAMESPACE, sources=sources, extra_cflags=CXX_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
+                       with_cuda=with_cuda, build_directory=str(directory), verbose=verbose)
+    kernels = "CPU and CUDA kernels" if with_cuda else f"CPU kernels only: {no_cuda}"
+    return f"built in {directory} ({kernels}; {time.perf_counter() - start:.1f} s)", no_cuda
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    first = text.splitlines()[0]
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+def load(verbose: bool = False):
+    """The `torch.ops.vpt_fast_ext` namespace, or None when the extension is off or cannot be
+    built (the reason is logged once and given by `available`). Built at most once per process;
+    `verbose` shows the compiler's output."""
+    if disabled():
+        return None
+    with _lock:
+        if not _result:
+            _result.update(_load(verbose))
+        return _result["ops"]
+
+
+def _load(verbose: bool) -> dict[str, object]:
+    try:
+        how, no_cuda = ("vpt_fast._C", None) if _import_prebuilt() else _build(verbose)
+        ops = getattr(torch.ops, NAMESPACE)
+        for name in OPS:
+            getattr(ops, name)
+    except Exception as err:  # any failure means "no extension", never a failed import of vpt_fast
+        logger.warning("vpt_fast C++/CUDA extension unavailable, using the other backends: %s", err)
+        return {"ops": None, "reason": _short(err), "no_cuda": None}
+    logger.info("vpt_fast extension: %s", how)
+    return {"ops": ops, "reason": None, "no_cuda": no_cuda}
+
+
+def available(device_type: str) -> bool | str:
+    """True when the extension has kernels for tensors of `device_type` ("cpu", "cuda"),
+    otherwise a short reason."""
+    if disabled():
+        return "disabled by VPT_FAST_NO_EXT"
+    ops = load()
+    if ops is None:
+        return f"extension not built: {_result['reason']}"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return f"no kernels for {device_type} tensors"
+    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key) for op in OPS):
+        return True
+    if key == "CUDA":
+        return f"built without CUDA ({_result['no_cuda']})" if _result["no_cuda"] else "built without CUDA"
+    return f"built without {device_type} kernels"
