@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be on before anything
+# imports triton (transformers may), or triton's own helpers are compiled-only.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from vpt_fast.checkpoint import load_vpt_checkpoint
 from vpt_fast.tiny import make_tiny_checkpoint
 

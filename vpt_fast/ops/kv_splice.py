@@ -8,13 +8,22 @@ tokens are written (k_new / v_new may hold more rows, padding for graph capture)
 With cos/sin given (per token, (tokens, head_dim), the M-RoPE-composed tables that
 transformers' Qwen2-VL rotary embedding returns), the keys are rotated on the way in.
 Rollback is bookkeeping of lengths, no copy.
+
+The op is registered as `vpt_fast::kv_splice` (mutating k_cache and v_cache) so that
+torch.compile and CUDA graphs see through it. Backends: torch (`kv_splice_reference`),
+triton (`vpt_fast.kernels.kv_splice`), and the extension's `vpt_fast_ext::kv_splice`
+(cpp on CPU tensors, cuda on GPU tensors). The Triton and extension kernels rotate in
+float32 whatever the input dtypes; the reference rotates in the promoted dtype of k_new and
+cos, so the two agree bit for bit whenever either of those is float32.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ._dispatch import choose
+from ._dispatch import choose, device_backends
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +80,36 @@ def _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin) -> None:
             raise ValueError(f"kv_splice: slots must be -1 (skip) or in [0, {capacity}), got values in [{lo}, {hi}]")
 
 
+def _kv_splice_triton(*args) -> None:
+    from ..kernels.kv_splice import kv_splice_triton
+
+    kv_splice_triton(*args)
+
+
+def _kv_splice_extension(*args) -> None:
+    torch.ops.vpt_fast_ext.kv_splice(*args)
+
+
+_IMPLEMENTATIONS = {
+    "torch": kv_splice_reference,
+    "triton": _kv_splice_triton,
+    "cpp": _kv_splice_extension,
+    "cuda": _kv_splice_extension,
+}
+
+
+@torch.library.custom_op("vpt_fast::kv_splice", mutates_args=("k_cache", "v_cache"))
+def _kv_splice_op(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                  backend: str) -> None:
+    _IMPLEMENTATIONS[backend](k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
+
+
+@_kv_splice_op.register_fake
+def _(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin, backend) -> None:
+    return None
+
+
 def kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None, *, backend: str | None = None,
               check: bool = True) -> None:
     """Write k_new/v_new (tokens, kv_heads, head_dim) into the caches at `slot_mapping`, in place.
@@ -80,5 +119,5 @@ def kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None, 
     """
     if check:
         _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
-    choose("kv_splice", backend, {"torch": True})
-    kv_splice_reference(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
+    chosen = choose("kv_splice", backend, device_backends("kv_splice", "kv_splice", k_cache.device.type))
+    _kv_splice_op(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin, chosen)
