@@ -299,3 +299,32 @@ def test_engine_argument_errors(tiny_bundle):
         engine.generate([image], ["a"], max_perception_rounds=-1)
     with pytest.raises(ValueError, match="max_seq_len"):
         Engine(tiny_bundle("region"), max_seq_len=1)
+
+
+def test_device_image_pipeline(tiny_bundle):
+    """Patches made on the device from the original image stay within PIL's rounding of the host path."""
+    from vpt_fast.engine.perception import Segment
+
+    b = tiny_bundle("region")
+    tok = b.tokenizer
+    image = rand_image(333, 517, 5)
+    forced = [toks(tok, region(([2, 4], [5, 6]), ([0], [7])))]
+    pil = Engine(b).generate([image], ["<image>\nWhere?"], 10, forced)[0]
+    device = Engine(b, image_pipeline="device").generate([image], ["<image>\nWhere?"], 10, forced)[0]
+    assert [t.boxes for t in device.trace] == [t.boxes for t in pil.trace]
+    assert device.round1_ids == pil.round1_ids and len(device.answer_ids) == len(pil.answer_ids)
+    engine = Engine(b, image_pipeline="device")
+    (r,) = engine.generate([image], ["Q"], 10, forced)
+    from vpt_fast.engine.perception import SequenceState
+
+    s = SequenceState(0, 0, image, b.processor.prepare(image), "", [], None, 4, 4)
+    s.boxes += list(r.trace[0].boxes)
+    crops = [b.processor.prepare_crop(image, box) for box in r.trace[0].boxes]
+    seg = Segment([], [s.first, *crops])
+    rows, grid = engine._device_pixels([(s, seg)])
+    want, want_grid = b.processor.qwen_inputs([s.first, *crops])
+    assert torch.equal(grid, want_grid)
+    std = torch.tensor(b.processor.qwen.image_std).repeat_interleave(2 * 14 * 14)
+    assert ((rows - want).abs() * std).max() <= 2 / 255 + 1e-6
+    with pytest.raises(ValueError, match="image_pipeline"):
+        Engine(b, image_pipeline="gpu")

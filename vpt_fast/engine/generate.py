@@ -57,10 +57,16 @@ class Engine:
     """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`)."""
 
     def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, image_pipeline: str = "pil"):
         """max_seq_len: cache positions per request; max_batch_size: requests decoded together
         (larger calls run in chunks of this size); cuda_graphs: capture decode steps (default:
-        on when the model is on a CUDA device)."""
+        on when the model is on a CUDA device); image_pipeline: "pil" resizes images with PIL
+        on the host exactly as the two-round flow does, "device" uploads each original image
+        once and makes every crop's patches with `ops.crop_patch_embed` on the model's
+        device (within 2/255 of PIL's resampling, so greedy tokens may differ)."""
+        if image_pipeline not in ("pil", "device"):
+            raise ValueError(f"image_pipeline must be 'pil' or 'device', got {image_pipeline!r}")
+        self.image_pipeline = image_pipeline
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= BUCKETS[-1]:
@@ -276,6 +282,7 @@ class Engine:
                 s.error = f"the perception segment needs {len(new_ids) - keep} tokens after position {keep}; the slot holds {self.max_seq_len}"
                 continue
             images = s.images + plan.images
+            boxes = s.boxes + (plan.boxes if plan.kind == "region" else [])
             first_new_image = count_image_runs(new_ids[:keep], self.vocab.image_pad)
             if any(t in self.reencode_pads for t in s.ids[keep:]):
                 raise RuntimeError(f"request {s.index}: a rollback reached an earlier re-encoded image")
@@ -284,6 +291,7 @@ class Engine:
             s.rolled_back(keep)
             s.turns += plan.turns
             s.images = images
+            s.boxes = boxes
             s.features += [None] * len(plan.images)
             seg = Segment(new_ids[keep:], images[first_new_image:], plan.reencode, first_new_image)
             items.append((s, seg, plan, rolled))
@@ -329,13 +337,37 @@ class Engine:
         if not images:
             return out
         model = self.bundle.model
-        pixels, grid = self.bundle.processor.qwen_inputs(images)
+        if self.image_pipeline == "device":
+            pixels, grid = self._device_pixels(items)
+        else:
+            pixels, grid = self.bundle.processor.qwen_inputs(images)
         with torch.no_grad():
             feats = model.model.visual(pixels.to(self.device, self.runner.dtype), grid_thw=grid.to(self.device)).pooler_output
         sizes = (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
         for k, f, g in zip(owners, torch.split(feats, sizes), grid.tolist()):
             out[k].append((f, g))
         return out
+
+    def _device_pixels(self, items: list[tuple[SequenceState, Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch rows of the segments' images made on the device from each original image."""
+        import numpy as np
+
+        from ..ops import crop_patch_embed
+        from ..preprocess import smart_resize, to_rgb
+
+        q = self.bundle.processor.qwen
+        rows, grids = [], []
+        for s, seg in items:
+            if s.device_image is None:
+                s.device_image = torch.from_numpy(np.array(to_rgb(s.original))).to(self.device).contiguous()
+            for j, capped in enumerate(seg.images):
+                box = s.boxes[seg.first_image + j]
+                out_hw = smart_resize(capped.height, capped.width, q.factor, q.min_pixels, q.max_pixels)
+                rows.append(crop_patch_embed(s.device_image, box, out_hw, mean=q.image_mean, std=q.image_std,
+                                             max_side=self.bundle.processor.max_side, patch_size=q.patch_size,
+                                             merge_size=q.merge_size, temporal_patch_size=q.temporal_patch_size))
+                grids.append([1, out_hw[0] // q.patch_size, out_hw[1] // q.patch_size])
+        return torch.cat(rows), torch.tensor(grids)
 
     def _project(self, kind: str, feats, control: torch.Tensor | None) -> torch.Tensor:
         b = self.bundle

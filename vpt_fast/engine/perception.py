@@ -66,6 +66,8 @@ class SequenceState:
         self.first = first
         self.turns: list[tuple[str, str]] = [("user", user_turn)]
         self.images: list[Any] = [first]  # every image of the conversation, in order
+        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *original.size)]  # each image's box in the original
+        self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
         self.features: list[torch.Tensor | None] = [None]  # their vision features once computed
         self.ids: list[int] = []  # tokens in the cache, in order
         self.prefix_max: list[int] = []  # max position over ids[: i + 1]
