@@ -40,7 +40,7 @@ def bench_crop(device, reps, rows):
     weight = conv.weight.detach()
     rs = np.random.RandomState(0)
     original = Image.fromarray(rs.randint(0, 256, (1080, 1920, 3), dtype=np.uint8))
-    on_device = torch.from_numpy(np.asarray(original)).to(device).contiguous()
+    on_device = torch.from_numpy(np.array(original)).to(device).contiguous()
     for cells in [(2, 3, 5, 5), (0, 0, 7, 7), (3, 3, 3, 3)]:
         box = spec.region_box(cells, *original.size)
         crop = proc.prepare_crop(original, box)

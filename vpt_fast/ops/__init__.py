@@ -2,16 +2,24 @@
 
 from ._dispatch import BACKENDS, BackendUnavailable
 from .crop_patch_embed import crop_patch_embed, crop_patch_rows_reference, resample_tables
+from .decode_attention import decode_attention, decode_attention_reference
 from .kv_splice import kv_splice, kv_splice_reference
 from .mrope import mrope_positions
+from .norm import add_rms_norm, add_rms_norm_reference, silu_mul, silu_mul_reference
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "crop_patch_embed",
     "crop_patch_rows_reference",
+    "decode_attention",
+    "decode_attention_reference",
     "kv_splice",
     "kv_splice_reference",
     "mrope_positions",
     "resample_tables",
+    "silu_mul",
+    "silu_mul_reference",
 ]
