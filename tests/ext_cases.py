@@ -31,6 +31,22 @@ def crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, patch_size: int, mer
     return x.permute(1, 4, 2, 5, 0, 3, 6).reshape(gh * gw, 3 * p * p)
 
 
+def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", std=CLIP_STD) -> None:
+    """crop_patch_rows outputs agree: within 1e-5, except that a sum landing on a rounding
+    boundary may come out one 8-bit level apart when two backends add in different orders
+    (at most 0.5% of values, each by at most one level, 1/255/std)."""
+    assert actual.shape == expected.shape and actual.dtype == torch.float32, what
+    err = (actual.cpu() - expected.cpu()).abs()
+    p2 = actual.shape[1] // 3
+    level = (1 / 255) / torch.tensor(std).repeat_interleave(p2)[None, :]
+    off = err > 1e-5
+    worst = float((err - level).max())
+    if worst > 1e-5 or float(off.float().mean()) > 0.005:
+        bad = off.nonzero()[:8].tolist()
+        raise AssertionError(f"{what}: {int(off.sum())} of {err.numel()} values off by more than 1e-5 "
+                             f"(max {float(err.max()):.3g}, one level is {float(level.min()):.3g}), first {bad}")
+
+
 def crop_inputs(img_hw, out_hw, taps, gen: torch.Generator, device="cpu", normalized: bool = True):
     """A random uint8 image and random sampling tables: `taps` = (Ky, Kx) source indices per
     output row/column, anywhere in the image, with positive weights (summing to 1 when

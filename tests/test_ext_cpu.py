@@ -14,7 +14,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from ext_cases import (
+from ext_cases import (  # noqa: I001
+    assert_rows_close,
     CLIP_MEAN,
     CLIP_STD,
     assert_bits_equal,
@@ -226,21 +227,21 @@ def test_crop_patch_rows_matches_reference(ext, gen, img_hw, out_hw, taps):
     rows = ext.crop_patch_rows(*args, 14, 2)
     expected = crop_patch_rows_torch(*args, 14, 2)
     assert rows.shape == (out_hw[0] * out_hw[1] // 196, 588) and rows.dtype == torch.float32
-    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
+    assert_rows_close(rows, expected)
 
 
 @pytest.mark.parametrize("patch_size,merge_size,out_hw", [(14, 1, (42, 14)), (3, 2, (12, 18)), (2, 3, (6, 12))])
 def test_crop_patch_rows_other_geometry(ext, gen, patch_size, merge_size, out_hw):
     args = crop_inputs((19, 23), out_hw, (3, 4), gen, normalized=False)
     rows = ext.crop_patch_rows(*args, patch_size, merge_size)
-    torch.testing.assert_close(rows, crop_patch_rows_torch(*args, patch_size, merge_size), rtol=0, atol=1e-5)
+    assert_rows_close(rows, crop_patch_rows_torch(*args, patch_size, merge_size))
 
 
 def test_crop_patch_rows_strided_tables(ext, gen):
     image, iy, wy, ix, wx, mean, std = crop_inputs((30, 40), (28, 28), (2, 3), gen)
     ix_t, wx_t = ix.t().contiguous().t(), wx.t().contiguous().t()
     rows = ext.crop_patch_rows(image, iy, wy, ix_t, wx_t, mean, std, 14, 2)
-    torch.testing.assert_close(rows, crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, 14, 2), rtol=0, atol=1e-5)
+    assert_rows_close(rows, crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, 14, 2))
 
 
 def test_crop_patch_rows_identity_matches_qwen_processor(ext, gen):
@@ -257,7 +258,7 @@ def test_crop_patch_rows_identity_matches_qwen_processor(ext, gen):
     out = processor(images=[np.asarray(image)], return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 4, 6]]
     expected = out["pixel_values"].reshape(-1, 3, 2, 196)[:, :, 0].reshape(-1, 588)
-    torch.testing.assert_close(rows, expected.float(), rtol=0, atol=1e-5)
+    assert_rows_close(rows, expected.float())
 
 
 def test_crop_patch_rows_meta(ext):

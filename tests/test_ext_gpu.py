@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ext_cases import assert_bits_equal, crop_inputs, crop_patch_rows_torch, reference_caches, splice_inputs
+from ext_cases import assert_rows_close, assert_bits_equal, crop_inputs, crop_patch_rows_torch, reference_caches, splice_inputs
 
 from vpt_fast import _ext
 
@@ -138,8 +138,8 @@ def test_crop_patch_rows_matches_reference(ext, gen, img_hw, out_hw, taps):
     expected = crop_patch_rows_torch(*args, 14, 2)
     rows = ext.crop_patch_rows(*[t.cuda() for t in args], 14, 2)
     assert rows.is_cuda and rows.shape == expected.shape
-    torch.testing.assert_close(rows.cpu(), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(rows.cpu(), ext.crop_patch_rows(*args, 14, 2), rtol=0, atol=1e-5)
+    assert_rows_close(rows.cpu(), expected)
+    assert_rows_close(rows.cpu(), ext.crop_patch_rows(*args, 14, 2))
 
 
 @pytest.mark.parametrize("patch_size,merge_size,out_hw", [(14, 1, (42, 14)), (3, 2, (12, 18)), (40, 1, (80, 40))])
@@ -147,7 +147,7 @@ def test_crop_patch_rows_other_geometry(ext, gen, patch_size, merge_size, out_hw
     """Signed weights; patches of 9, 196 and 1600 pixels (more than one block's threads)."""
     args = crop_inputs((19, 23), out_hw, (3, 4), gen, normalized=False)
     rows = ext.crop_patch_rows(*[t.cuda() for t in args], patch_size, merge_size)
-    torch.testing.assert_close(rows.cpu(), crop_patch_rows_torch(*args, patch_size, merge_size), rtol=0, atol=1e-5)
+    assert_rows_close(rows.cpu(), crop_patch_rows_torch(*args, patch_size, merge_size))
 
 
 def test_crop_patch_rows_device_mismatch(ext, gen):

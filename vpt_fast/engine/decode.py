@@ -37,6 +37,7 @@ class DecodeStep:
         self.runner = runner
         self.cache = cache
         self.scratch = cache.slots - 1
+        self._scratch_length = cache.lengths[self.scratch : self.scratch + 1]  # a view, reset on the device
         self.use_graphs = use_graphs
         self.vocab = runner.lm_head.weight.shape[0]
         self._buffers: dict[int, _Buffers] = {}
@@ -50,7 +51,7 @@ class DecodeStep:
         raise ValueError(f"a decode step takes at most {BUCKETS[-1]} sequences, got {n}")
 
     def _body(self, buf: _Buffers) -> None:
-        self.cache.lengths[self.scratch] = 0  # padding rows all write at the scratch slot's start
+        self._scratch_length.zero_()  # padding rows all write at the scratch slot's start (no host copy: capturable)
         embeds = self.runner.embed(buf.tokens)
         embeds = torch.where(buf.use_override[:, None], buf.override, embeds)
         hidden = self.runner.decode(embeds, buf.positions, self.cache, buf.slots)
