@@ -4,12 +4,15 @@ Qwen2-VL-2B / 7B shapes with random weights (bf16 on a GPU), or a small configur
 on the CPU. Round-1 tokens are scripted; answers are 32 tokens (the end-of-turn token
 is kept out of reach so every answer has the same length). For each scenario both
 pipelines run on the same model and inputs; the table gives latency p50/p90,
-requests/s, tokens/s, peak memory, and the engine's speed-up. Decode ms/token is
-compared with the bandwidth floor (language-model weight bytes / measured copy
-bandwidth), and the splice (round end -> segment in the cache) with its parts
+requests/s, tokens/s, peak memory, and the engine's speed-up, with the host PIL image
+path (exactly the reference's pixels) and with images made on the device
+(`image_pipeline="device"`). Decode ms/token is compared with the bandwidth floor
+(language-model weight bytes / measured copy bandwidth, bytes read and written, as the
+copy counts them), and the splice (round end -> segment in the cache) with its parts
 (vision tower on the crop + prefill of a segment of the same length).
 
-    python benchmarks/e2e.py --shape 2b            # GPU, bf16
+    python benchmarks/e2e.py --shape 2b                       # GPU, bf16
+    python benchmarks/e2e.py --shape 7b --decode-only         # decode against the floor only
     python benchmarks/e2e.py --shape tiny --device cpu --quick
 """
 
@@ -141,7 +144,7 @@ def scenarios(quick: bool):
     ]
 
 
-def run_scenario(bundle, engine, kinds, device, reps):
+def run_scenario(bundle, engine, device_engine, kinds, device, reps):
     tok = bundle.tokenizer
     images = [image(i) for i in range(len(kinds))]
     prompts = [QUESTION] * len(kinds)
@@ -151,6 +154,7 @@ def run_scenario(bundle, engine, kinds, device, reps):
     rows = {}
     runs = {
         "engine": lambda: engine.generate(images, prompts, r1, forced, answer_max_new_tokens=ANSWER_TOKENS),
+        "engine_device": lambda: device_engine.generate(images, prompts, r1, forced, answer_max_new_tokens=ANSWER_TOKENS),
         "reference": lambda: two_round_generate(bundle, images, prompts, r1, forced, answer_max_new_tokens=ANSWER_TOKENS),
     }
     for name, fn in runs.items():
@@ -184,6 +188,22 @@ def decode_ms_per_token(engine: Engine, bundle, device, steps: int = 128) -> flo
         decoder([100 + i % 50], [None], [start + i], [0])
     sync(device)
     return (time.perf_counter() - t) / steps * 1e3
+
+
+DECODE_COLUMNS = [("shape", "shape"), ("decode_ms_per_token", "ms/token"), ("floor_ms", "floor ms"),
+                  ("ratio_to_floor", "x floor"), ("weight_gb", "LM weights GB")]
+
+
+def decode_row(shape: str, bundle, engine: Engine, device, bw: float) -> dict:
+    """Decode ms/token at B=1 against the floor: the language model's weights read once per token."""
+    lm = bundle.model.model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    if bundle.model.lm_head.weight.data_ptr() != lm.embed_tokens.weight.data_ptr():
+        weight_bytes += bundle.model.lm_head.weight.numel() * bundle.model.lm_head.weight.element_size()
+    ms = decode_ms_per_token(engine, bundle, device)
+    floor = weight_bytes / bw * 1e3
+    return dict(shape=shape, decode_ms_per_token=ms, floor_ms=floor, ratio_to_floor=ms / floor,
+                weight_gb=weight_bytes / 1e9)
 
 
 def splice_parts(engine: Engine, bundle, device, spliced: int, reps: int) -> float:
@@ -242,6 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, 2B only on a GPU")
+    ap.add_argument("--decode-only", action="store_true", help="only decode ms/token against the bandwidth floor")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shapes = args.shape or (["2b"] if args.quick else ["2b", "7b"]) if device.type == "cuda" else (args.shape or ["tiny"])
@@ -249,9 +270,22 @@ def main(argv=None) -> int:
     reps = args.reps or (2 if args.quick else 5)
     env = environment(device)
     bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
-    print(f"{env['card']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    print(f"{env['card']}: copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)")
 
     rows, decode_rows = [], []
+    if args.decode_only:
+        for shape in shapes:
+            bundle = build_bundle(shape, "clip", dtype, device)
+            decode_rows.append(decode_row(shape, bundle, Engine(bundle, max_seq_len=1024), device, bw))
+            print(f"  {shape}: decode {decode_rows[-1]['decode_ms_per_token']:.3f} ms/token, "
+                  f"floor {decode_rows[-1]['floor_ms']:.3f} ms")
+            del bundle
+        md = "### Decode at B=1 vs the bandwidth floor\n\n" + table(decode_rows, DECODE_COLUMNS)
+        md += f"\n\nCopy bandwidth measured: {bw / 1e12:.3f} TB/s (bytes read + written)."
+        js, mdp = write_results("e2e_decode", env, decode_rows, md)
+        print(md)
+        print(f"wrote {js}, {mdp}")
+        return 0
     for shape in shapes:
         bundles = {}
         plan = scenarios(args.quick)
@@ -260,13 +294,15 @@ def main(argv=None) -> int:
                 bundles[kind] = build_bundle(shape, kind, dtype, device)
             bundle = bundles[kind]
             engine = Engine(bundle, max_seq_len=1024, max_batch_size=32)
-            r = run_scenario(bundle, engine, kinds, device, reps)
+            device_engine = Engine(bundle, max_seq_len=1024, max_batch_size=32, image_pipeline="device")
+            r = run_scenario(bundle, engine, device_engine, kinds, device, reps)
             row = dict(shape=shape, scenario=name, batch=len(kinds))
-            for pipe in ("engine", "reference"):
+            for pipe in ("engine", "engine_device", "reference"):
                 for k, v in r[pipe].items():
                     if not isinstance(v, list):
                         row[f"{pipe}_{k}"] = v
             row["speedup"] = r["reference"]["p50_s"] / r["engine"]["p50_s"]
+            row["speedup_device"] = r["reference"]["p50_s"] / r["engine_device"]["p50_s"]
             row["throughput_ratio"] = r["engine"]["req_per_s"] / r["reference"]["req_per_s"]
             if name == "region B=1" and r["engine"]["splice_s"]:
                 row["splice_s"] = statistics.median(r["engine"]["splice_s"])
@@ -274,23 +310,17 @@ def main(argv=None) -> int:
                 row["splice_parts_s"] = parts
                 row["splice_ratio"] = row["splice_s"] / parts
             if name.startswith("plain"):
-                lm = bundle.model.model.language_model
-                weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
-                if bundle.model.lm_head.weight.data_ptr() != lm.embed_tokens.weight.data_ptr():
-                    weight_bytes += bundle.model.lm_head.weight.numel() * bundle.model.lm_head.weight.element_size()
-                ms = decode_ms_per_token(engine, bundle, device)
-                floor = weight_bytes / (bw / 2) * 1e3  # reading the weights once per token at the copy's read rate
-                decode_rows.append(dict(shape=shape, decode_ms_per_token=ms, floor_ms=floor, ratio_to_floor=ms / floor,
-                                        weight_gb=weight_bytes / 1e9))
+                decode_rows.append(decode_row(shape, bundle, engine, device, bw))
             rows.append(row)
             print(f"  {shape} {name}: engine {row['engine_p50_s']:.3f}s, reference {row['reference_p50_s']:.3f}s, "
-                  f"x{row['speedup']:.1f}")
+                  f"x{row['speedup']:.1f}; with device images {row['engine_device_p50_s']:.3f}s")
         del bundles
 
     md = "### End to end (p50 latency, same run)\n\n" + table(rows, [
         ("shape", "shape"), ("scenario", "scenario"), ("batch", "B"), ("reference_p50_s", "reference p50 s"),
         ("reference_p90_s", "ref p90 s"), ("engine_p50_s", "engine p50 s"), ("engine_p90_s", "engine p90 s"),
-        ("speedup", "speed-up"), ("engine_req_per_s", "engine req/s"), ("reference_req_per_s", "ref req/s"),
+        ("speedup", "speed-up"), ("engine_device_p50_s", "engine, device images p50 s"),
+        ("speedup_device", "speed-up, device images"), ("engine_req_per_s", "engine req/s"), ("reference_req_per_s", "ref req/s"),
         ("engine_tok_per_s", "engine tok/s"), ("engine_peak_gib", "engine peak GiB"),
         ("reference_peak_gib", "ref peak GiB")])
     splice = [r for r in rows if "splice_s" in r]
@@ -298,9 +328,7 @@ def main(argv=None) -> int:
         md += "\n\n### Splice (round end -> segment in the cache) vs its parts\n\n" + table(splice, [
             ("shape", "shape"), ("splice_s", "splice s"), ("splice_parts_s", "vision + prefill s"),
             ("splice_ratio", "ratio")])
-    md += "\n\n### Decode at B=1 vs the bandwidth floor\n\n" + table(decode_rows, [
-        ("shape", "shape"), ("decode_ms_per_token", "ms/token"), ("floor_ms", "floor ms"),
-        ("ratio_to_floor", "x floor"), ("weight_gb", "LM weights GB")])
+    md += "\n\n### Decode at B=1 vs the bandwidth floor\n\n" + table(decode_rows, DECODE_COLUMNS)
     md += f"\n\nCopy bandwidth measured: {bw / 1e12:.3f} TB/s (read + write)."
     all_rows = rows + [dict(kind="decode", **r) for r in decode_rows]
     js, mdp = write_results("e2e", env, all_rows, md)

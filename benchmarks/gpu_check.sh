@@ -3,7 +3,7 @@
 # extension, run the GPU tests, run the quick kernel and end-to-end benchmarks.
 # Everything lands under $OUT (default benchmarks/results/gpu_check): one log and the
 # benchmark tables/plots. Each step has its own time limit; a failing step does not stop
-# the others, and the exit status says whether all passed. About 8 minutes on an H100/H200.
+# the others, and the exit status says whether all passed. Under 6 minutes on an H200.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -31,5 +31,6 @@ step build 150 python3 -c "import vpt_fast._ext as e; print('loaded:', e.load(ve
 step pytest_gpu 130 python3 -m pytest -m gpu -q -p no:cacheprovider tests
 step kernels 60 python3 benchmarks/kernels.py --quick
 step e2e 200 python3 benchmarks/e2e.py --quick
+step e2e_7b_decode 90 python3 benchmarks/e2e.py --shape 7b --decode-only
 echo "gpu_check: $([ $failed -eq 0 ] && echo all steps passed || echo some steps FAILED)" | tee -a "$LOG"
 exit $failed
