@@ -54,7 +54,11 @@ class FinishEvent:
 
 
 class Engine:
-    """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`)."""
+    """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`).
+
+    An engine keeps its KV cache and captured decode graphs between calls; it serves one
+    `generate` / `stream` call at a time.
+    """
 
     def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
                  cuda_graphs: bool | None = None, image_pipeline: str = "pil"):
@@ -144,8 +148,7 @@ class Engine:
         """The engine's cache with room for `slots` sequences (plus the decode scratch slot), kept across calls."""
         if self._cache is None or self._cache.slots < slots + 1:
             layers, kv_heads, head_dim = self._cache_shape
-            self._cache = None
-            self._decoder = None
+            self._cache = self._decoder = None  # free the old cache and graphs before allocating the larger one
             self._cache = KVCache(layers, slots + 1, self.max_seq_len, kv_heads, head_dim, self.runner.dtype, self.device)
             self._decoder = DecodeStep(self.runner, self._cache, self.cuda_graphs)
         self._cache.lengths.zero_()
@@ -271,7 +274,7 @@ class Engine:
         return s.last_hidden[1]
 
     def _splice(self, cache: KVCache, splices) -> Iterator[PerceptionEvent]:
-        proc, tok = self.bundle.processor, self.bundle.tokenizer
+        tok = self.bundle.tokenizer
         items = []
         run_tokens = {self.vocab.image_pad, *self.reencode_pads}
         for s, plan in splices:
