@@ -85,7 +85,7 @@ def cmd_run(args) -> int:
         run = lambda chunk, n: two_round_generate(bundle, chunk, [prompt] * n, args.max_new_tokens, [forced] * n)
     results = []
     batches = range(0, len(images), args.batch_size)
-    for start in tqdm(batches, desc="batches", disable=len(images) <= args.batch_size):
+    for start in tqdm(batches, desc="batches", disable=not Path(args.image).is_dir()):
         chunk = images[start : start + args.batch_size]
         results += run(chunk, len(chunk))
     for path, r in zip(images, results):
