@@ -107,6 +107,23 @@ def reference_caches(k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
     return k_exp, v_exp
 
 
+def splice_with_reference(ext, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
+    """Run the extension's kv_splice on the caches; return what the reference makes of the same caches."""
+    k_exp, v_exp = reference_caches(k_new, v_new, k_cache, v_cache, slots, cos, sin)
+    ext.kv_splice(k_new, v_new, k_cache, v_cache, slots, cos, sin)
+    return k_exp, v_exp
+
+
+def assert_same_values(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Equality compared in float32 (any dtypes), NaN (untouched poison) equal to NaN."""
+    a, e = actual.float(), expected.float()
+    same = (a == e) | (a.isnan() & e.isnan())
+    if not bool(same.all()):
+        bad = (~same).nonzero()[:8].tolist()
+        raise AssertionError(f"{what}: {int((~same).sum())} entries differ, first at {bad}: "
+                             f"{[a[tuple(i)].item() for i in bad]} vs {[e[tuple(i)].item() for i in bad]}")
+
+
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bit-for-bit equality, NaN (untouched poison) where NaN, listing the first mismatches."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what

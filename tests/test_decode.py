@@ -15,7 +15,7 @@ from vpt_fast.engine import Engine
 from vpt_fast.engine.cache import KVCache
 from vpt_fast.engine.decode import DecodeStep
 from vpt_fast.engine.runner import Runner
-from vpt_fast.ops.decode_attention import decode_attention, decode_attention_reference
+from vpt_fast.ops.decode_attention import decode_attention
 
 triton = pytest.importorskip("triton")
 

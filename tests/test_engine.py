@@ -9,8 +9,7 @@ from PIL import Image
 from paths import ORIGINAL
 
 import vpt_fast
-from vpt_fast.checkpoint import load_vpt_checkpoint
-from vpt_fast.engine import Engine, FinishEvent, PerceptionEvent, TokenEvent
+from vpt_fast.engine import Engine, FinishEvent, TokenEvent
 from vpt_fast.reference import conversation, encode, two_round_generate, user_content, vision_span
 
 PREFIX = {"clip": "clip", "dino": "detection", "sam": "seg"}
@@ -246,7 +245,7 @@ class ScriptedEngine(Engine):
 
 def test_second_perception_equals_a_fresh_prefill(tiny_bundle):
     """After two region perceptions the cache gives the logits of the whole conversation read at once."""
-    from vpt_fast.reference import _mrope_positions, conversation, encode, region_prompt, user_content, vision_span
+    from vpt_fast.reference import region_prompt
 
     b = tiny_bundle("region")
     tok, v, proc = b.tokenizer, b.vocab, b.processor

@@ -16,6 +16,7 @@ import pytest
 import torch
 from ext_cases import (  # noqa: I001
     assert_rows_close,
+    splice_with_reference,
     CLIP_MEAN,
     CLIP_STD,
     assert_bits_equal,
@@ -83,11 +84,6 @@ def test_loader_disabled_by_env(ext, monkeypatch):
 # ----------------------------------------------------------------------------- kv_splice
 
 
-def _run(ext, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
-    """Expected caches from the reference, then the kernel's, from the same poisoned caches."""
-    k_exp, v_exp = reference_caches(k_new, v_new, k_cache, v_cache, slots, cos, sin)
-    ext.kv_splice(k_new, v_new, k_cache, v_cache, slots, cos, sin)
-    return k_exp, v_exp
 
 
 @pytest.mark.parametrize("layout", ["engine", "paged"])
@@ -95,7 +91,7 @@ def _run(ext, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
 @pytest.mark.parametrize("tokens", [1, 7, 37])
 def test_kv_splice_fp32_bit_exact(ext, gen, layout, rotate, tokens):
     args = splice_inputs(layout, tokens, 4, 64, gen, rotate=rotate)
-    k_exp, v_exp = _run(ext, *args)
+    k_exp, v_exp = splice_with_reference(ext, *args)
     assert_bits_equal(args[2], k_exp, "k_cache")
     assert_bits_equal(args[3], v_exp, "v_cache")
     assert args[2].isnan().any()  # untouched slots keep their poison
@@ -110,7 +106,7 @@ def test_kv_splice_casts_bit_exact(ext, gen, in_dtype, cache_dtype):
     kernel's own precision (float32 or wider inputs: not float16, which it rotates in float16)."""
     for rotate in (False, True) if in_dtype != torch.float16 else (False,):
         args = splice_inputs("paged", 29, 2, 32, gen, in_dtype=in_dtype, cache_dtype=cache_dtype, rotate=rotate)
-        k_exp, v_exp = _run(ext, *args)
+        k_exp, v_exp = splice_with_reference(ext, *args)
         assert_bits_equal(args[2], k_exp, f"k_cache rotate={rotate}")
         assert_bits_equal(args[3], v_exp, f"v_cache rotate={rotate}")
 
@@ -139,7 +135,7 @@ def test_kv_splice_promotes_cos_dtype(ext, gen):
     k_new, v_new, k_cache, v_cache, slots, cos, sin = splice_inputs("engine", 13, 2, 16, gen, in_dtype=torch.bfloat16,
                                                                     cache_dtype=torch.bfloat16, rotate=True)
     cos, sin = cos.float(), sin.float()
-    k_exp, v_exp = _run(ext, k_new, v_new, k_cache, v_cache, slots, cos, sin)
+    k_exp, v_exp = splice_with_reference(ext, k_new, v_new, k_cache, v_cache, slots, cos, sin)
     assert_bits_equal(k_cache, k_exp, "k_cache")
     assert_bits_equal(v_cache, v_exp, "v_cache")
 
@@ -154,12 +150,12 @@ def test_kv_splice_strided_inputs(ext, gen):
     v_new = torch.randn(heads, tokens + 2, dim, generator=gen).transpose(0, 1)
     tables = torch.randn(tokens + 2, 2 * dim, generator=gen)
     cos, sin = tables[:, :dim], tables[:, dim:]
-    k_exp, v_exp = _run(ext, k_new, v_new, k_cache, v_cache, slots, cos, sin)
+    k_exp, v_exp = splice_with_reference(ext, k_new, v_new, k_cache, v_cache, slots, cos, sin)
     assert_bits_equal(k_cache, k_exp, "k_cache")
     assert_bits_equal(v_cache, v_exp, "v_cache")
 
     every_other = torch.randn(tokens, heads, 2 * dim, generator=gen)[..., ::2]
-    k_exp, v_exp = _run(ext, every_other, every_other, k_cache, v_cache, slots)
+    k_exp, v_exp = splice_with_reference(ext, every_other, every_other, k_cache, v_cache, slots)
     assert_bits_equal(k_cache, k_exp, "k_cache, strided head_dim")
 
 

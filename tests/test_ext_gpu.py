@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ext_cases import assert_rows_close, assert_bits_equal, crop_inputs, crop_patch_rows_torch, reference_caches, splice_inputs
+from ext_cases import assert_rows_close, splice_with_reference, assert_bits_equal, crop_inputs, crop_patch_rows_torch, reference_caches, splice_inputs
 
 from vpt_fast import _ext
 
@@ -30,10 +30,6 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-def _run(ext, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
-    k_exp, v_exp = reference_caches(k_new, v_new, k_cache, v_cache, slots, cos, sin)
-    ext.kv_splice(k_new, v_new, k_cache, v_cache, slots, cos, sin)
-    return k_exp, v_exp
 
 
 # ----------------------------------------------------------------------------- kv_splice
@@ -45,7 +41,7 @@ def _run(ext, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
 @pytest.mark.parametrize("dim", [64, 72, 10], ids=["dim64", "dim72", "dim10-scalar"])
 def test_kv_splice_fp32_bit_exact(ext, gen, layout, rotate, tokens, dim):
     args = splice_inputs(layout, tokens, 4, dim, gen, rotate=rotate, device="cuda")
-    k_exp, v_exp = _run(ext, *args)
+    k_exp, v_exp = splice_with_reference(ext, *args)
     assert_bits_equal(args[2], k_exp, "k_cache")
     assert_bits_equal(args[3], v_exp, "v_cache")
 
@@ -55,7 +51,7 @@ def test_kv_splice_large(ext, gen, cache_dtype):
     """4096 tokens x 8 heads x 128 (4.2M elements per cache) into a paged cache, keys rotated."""
     args = splice_inputs("paged", 4096, 8, 128, gen, cache_dtype=cache_dtype, rotate=True, skip=0.05, device="cuda")
     assert args[0][: args[4].numel()].numel() >= 1 << 22
-    k_exp, v_exp = _run(ext, *args)
+    k_exp, v_exp = splice_with_reference(ext, *args)
     assert_bits_equal(args[2], k_exp, "k_cache")
     assert_bits_equal(args[3], v_exp, "v_cache")
 
@@ -82,12 +78,12 @@ def test_kv_splice_strided_and_misaligned(ext, gen):
     v_new = torch.randn(heads, tokens + 2, dim, device="cuda").transpose(0, 1)
     tables = torch.randn(tokens + 2, 2 * dim, device="cuda")
     cos, sin = tables[:, :dim], tables[:, dim:]
-    k_exp, v_exp = _run(ext, k_new, v_new, k_cache, v_cache, slots, cos, sin)
+    k_exp, v_exp = splice_with_reference(ext, k_new, v_new, k_cache, v_cache, slots, cos, sin)
     assert_bits_equal(k_cache, k_exp, "k_cache, strided")
     assert_bits_equal(v_cache, v_exp, "v_cache, strided")
     # one float past a 16-byte boundary: the scalar path
     shifted = torch.randn(tokens * heads * dim + 1, device="cuda")[1:].view(tokens, heads, dim)
-    k_exp, v_exp = _run(ext, shifted, shifted, k_cache, v_cache, slots, cos, sin)
+    k_exp, v_exp = splice_with_reference(ext, shifted, shifted, k_cache, v_cache, slots, cos, sin)
     assert_bits_equal(k_cache, k_exp, "k_cache, misaligned")
     assert_bits_equal(v_cache, v_exp, "v_cache, misaligned")
 

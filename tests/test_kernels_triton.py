@@ -16,6 +16,8 @@ import os
 import pytest
 import torch
 
+from ext_cases import assert_same_values
+
 from vpt_fast.kernels import interpreted
 
 CUDA = torch.cuda.is_available()
@@ -140,14 +142,6 @@ def _splice_case(layout, tokens, heads, dim, *, pad=3, skip=0.25, seed=0, new_dt
     return to(k.to(new_dtype)), to(v.to(new_dtype)), to(cos), to(sin), to(slots), shape
 
 
-def _assert_same(actual, expected, what):
-    """Bitwise equality compared in float32, NaN (unwritten poison) equal to NaN."""
-    a, e = actual.float(), expected.float()
-    same = (a == e) | (a.isnan() & e.isnan())
-    if not bool(same.all()):
-        bad = (~same).nonzero()[:8].tolist()
-        raise AssertionError(f"{what}: {int((~same).sum())} entries differ, first at {bad}: "
-                             f"{[a[tuple(i)].item() for i in bad]} vs {[e[tuple(i)].item() for i in bad]}")
 
 
 def _check_splice(splice, case, cache_dtype, rotate, what):
@@ -157,8 +151,8 @@ def _check_splice(splice, case, cache_dtype, rotate, what):
     expected = [_nan(shape, cache_dtype, k.device) for _ in range(2)]
     splice(k, v, *ours, slots, *rot)
     kv_splice_reference(k, v, *expected, slots, *rot)
-    _assert_same(ours[0], expected[0], f"keys, {what}")
-    _assert_same(ours[1], expected[1], f"values, {what}")
+    assert_same_values(ours[0], expected[0], f"keys, {what}")
+    assert_same_values(ours[1], expected[1], f"values, {what}")
     written = int((slots >= 0).sum())
     assert int((~ours[1].isnan()).all(-1).all(-1).sum()) == written, f"{what}: rows written"
 
@@ -346,7 +340,7 @@ def test_gpu_kv_splice_dispatch_and_graph_capture():
     expected = [c.clone() for c in (k_cache, v_cache)]
     kv_splice_reference(k, v, *expected, slots, cos, sin)
     kv_splice(k, v, k_cache, v_cache, slots, cos, sin)  # automatic choice: cuda or triton
-    _assert_same(k_cache, expected[0], "automatic backend")
+    assert_same_values(k_cache, expected[0], "automatic backend")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         kv_splice(k, v, k_cache, v_cache, slots, cos, sin)
@@ -354,5 +348,5 @@ def test_gpu_kv_splice_dispatch_and_graph_capture():
     v_cache.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    _assert_same(k_cache, expected[0], "replayed graph, keys")
-    _assert_same(v_cache, expected[1], "replayed graph, values")
+    assert_same_values(k_cache, expected[0], "replayed graph, keys")
+    assert_same_values(v_cache, expected[1], "replayed graph, values")

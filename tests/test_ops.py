@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
+from ext_cases import assert_same_values
+
 from vpt_fast.ops import BackendUnavailable, kv_splice, mrope_positions
 from vpt_fast.ops._dispatch import device_backends
 
@@ -66,14 +68,6 @@ def _loop_splice(k, v, k_cache, v_cache, slot_mapping):
     return k_exp, v_exp
 
 
-def _assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bitwise equality compared in float32, NaN (untouched poison) equal to NaN."""
-    a, e = actual.float(), expected.float()
-    same = (a == e) | (a.isnan() & e.isnan())
-    if not bool(same.all()):
-        bad = (~same).nonzero()[:8].tolist()
-        raise AssertionError(f"{what}: {int((~same).sum())} entries differ, first at {bad}: "
-                             f"{[a[tuple(i)].item() for i in bad]} vs {[e[tuple(i)].item() for i in bad]}")
 
 
 def _rotary(bundle, positions: torch.Tensor):
@@ -109,8 +103,8 @@ def test_kv_splice_matches_per_token_loop(layout, tokens, cache_dtype, new_dtype
             k_exp, v_exp = _loop_splice(k, v, k_cache, v_cache, slots)
             kv_splice(k, v, k_cache, v_cache, slots)
             what = f"heads={heads} dim={dim} pad={pad} skip={skip}"
-            _assert_same(k_cache, k_exp, f"k {what}")
-            _assert_same(v_cache, v_exp, f"v {what}")
+            assert_same_values(k_cache, k_exp, f"k {what}")
+            assert_same_values(v_cache, v_exp, f"v {what}")
             written = int((slots >= 0).sum())
             assert int((~k_cache.isnan()).all(-1).all(-1).sum()) == written, what
 
@@ -151,8 +145,8 @@ def test_kv_splice_rotates_keys_like_transformers(tiny_bundle, layout, tokens, h
     k16, v16 = _caches(layout, tokens, heads, dim, torch.bfloat16)
     k_exp, v_exp = _loop_splice(k_rot, v, k16, v16, slots)
     kv_splice(k[0], v, k16, v16, slots, cos, sin)
-    _assert_same(k16, k_exp, "bf16 keys")
-    _assert_same(v16, v_exp, "bf16 values")
+    assert_same_values(k16, k_exp, "bf16 keys")
+    assert_same_values(v16, v_exp, "bf16 values")
 
 
 def test_kv_splice_leaves_its_inputs_alone():
@@ -224,7 +218,7 @@ def test_kv_splice_rejects_bad_arguments_before_writing(case):
     with pytest.raises(error, match=match):
         kv_splice(**args)
     for c, b in zip(caches, before):
-        _assert_same(c, b, f"{case}: cache written before the error")
+        assert_same_values(c, b, f"{case}: cache written before the error")
 
 
 def test_kv_splice_rejects_tensors_on_different_devices():

@@ -232,7 +232,7 @@ def test_action_token_forced_after_start(tiny_bundle):
 
 def test_text_before_action_is_replaced_by_fixed_action_text(tiny_bundle):
     b = tiny_bundle("clip")
-    tok, v = b.tokenizer, b.vocab
+    tok = b.tokenizer
     words = tok("The answer", add_special_tokens=False)["input_ids"]
     forced = words + action_forced(tok, "clip")
     image = rand_image(64, 64, seed=2)

@@ -16,7 +16,6 @@ evident intended thing and says so in the docstring concerned.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -394,7 +393,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     forced = _check_requests(bundle, images, prompts, forced_tokens)
-    tok, vocab, proc, vcfg = bundle.tokenizer, bundle.vocab, bundle.processor, bundle.vpt_config
+    tok, vocab, proc = bundle.tokenizer, bundle.vocab, bundle.processor
     generator = torch.Generator(device=bundle.model.lm_head.weight.device).manual_seed(seed)
     torch.manual_seed(seed)
 

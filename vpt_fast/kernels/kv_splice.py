@@ -8,7 +8,6 @@ kv_heads x head_dim key and value into row `slot` of the flattened caches
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
