@@ -3,7 +3,8 @@
 No weight is copied: the runner reads the transformers module's tensors, so the
 engine owns the cache layout, the positions and the attention while the model
 stays the user's. Arithmetic follows transformers' Qwen2-VL modules (RMSNorm in
-float32, rotate-half M-RoPE, grouped-query attention, SwiGLU MLP).
+float32, rotate-half M-RoPE, grouped-query attention, SwiGLU MLP), through the ops'
+torch definitions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 
 from ..ops import kv_splice
 from ..ops.decode_attention import decode_attention
-from ..ops.norm import add_rms_norm, silu_mul
+from ..ops.mrope import apply_rotary
+from ..ops.norm import add_rms_norm, add_rms_norm_reference, silu_mul
 from .cache import KVCache
 
 
@@ -50,16 +52,7 @@ class Runner:
         return self.text.embed_tokens(ids)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(dtype)
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return add_rms_norm_reference(x, None, weight, self.eps)[1]
 
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
@@ -100,7 +93,7 @@ class Runner:
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, T, self.num_heads, self.head_dim)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B * T, self.num_kv_heads, self.head_dim)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B * T, self.num_kv_heads, self.head_dim)
-            q = self._rope(q, cos_h, sin_h)
+            q = apply_rotary(q, cos_h, sin_h)
             k_cache, v_cache = cache.layer(i)
             kv_splice(k, v, k_cache, v_cache, slot_mapping, flat_cos, flat_sin)
             K = torch.where(live_kv, k_cache[slots, :S], 0).transpose(1, 2)  # (B, kvh, S, D)

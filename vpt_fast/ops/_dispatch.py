@@ -89,6 +89,14 @@ def triton_status(device_type: str, kernel_module: str) -> bool | str:
     return True
 
 
+def triton_or_torch(device_type: str, kernel_module: str) -> dict[str, bool | str]:
+    """The backends of an op with a Triton kernel and no compiled one, in order of preference:
+    Triton first on CUDA tensors; on the CPU torch first, so Triton's interpreter runs only
+    when asked for by name."""
+    status = triton_status(device_type, kernel_module)
+    return {"triton": status, "torch": True} if device_type == "cuda" else {"torch": True, "triton": status}
+
+
 @functools.cache
 def extension_status(op: str, device_type: str) -> bool | str:
     """True when the compiled extension (vpt_fast._ext) has `op` for `device_type`

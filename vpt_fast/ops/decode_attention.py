@@ -9,17 +9,12 @@ and the CPU path.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose, requested_backend
-
-
-def _rotate(q, cos, sin):
-    half = q.shape[-1] // 2
-    return q * cos[:, None, :] + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin[:, None, :]
+from ._dispatch import choose, triton_or_torch
+from .mrope import apply_rotary
 
 
 def decode_attention_reference(q, k_cache, v_cache, slots, seq_lens, scale: float, cos=None, sin=None) -> torch.Tensor:
@@ -27,7 +22,7 @@ def decode_attention_reference(q, k_cache, v_cache, slots, seq_lens, scale: floa
 
     With cos/sin (B, D), the query is rotated first (rotate-half RoPE, as transformers does)."""
     if cos is not None:
-        q = _rotate(q, cos, sin)
+        q = apply_rotary(q, cos[:, None, :], sin[:, None, :])
     B, heads, D = q.shape
     kv_heads, max_len = k_cache.shape[2], k_cache.shape[1]
     live = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # (B, max_len)
@@ -46,16 +41,6 @@ def _flash_available() -> bool | str:
         import flash_attn  # noqa: F401
     except ImportError:
         return "flash-attn is not installed"
-    return True
-
-
-def _triton_available(device: torch.device) -> bool | str:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
     return True
 
 
@@ -84,18 +69,14 @@ def decode_attention(q, k_cache, v_cache, slots, seq_lens, scale: float, cos=Non
         if (cos is None) != (sin is None) or (cos is not None and cos.shape != (q.shape[0], q.shape[-1])):
             raise ValueError(f"decode_attention: cos and sin must both be ({q.shape[0]}, {q.shape[-1]}) or both None")
     on_cuda = q.device.type == "cuda"
-    requested = requested_backend(backend)
-    options = {
-        "cuda": _flash_available() if on_cuda else "flash-attn needs CUDA tensors",
-        "triton": _triton_available(q.device) if (on_cuda or requested == "triton") else "not chosen automatically on the CPU",
-        "torch": True,
-    }
-    name = choose("decode_attention", requested, options)
+    options = {"cuda": _flash_available() if on_cuda else "flash-attn needs CUDA tensors",
+               **triton_or_torch(q.device.type, "decode_attention")}
+    name = choose("decode_attention", backend, options)
     if name == "cuda":
         from flash_attn import flash_attn_with_kvcache
 
         if cos is not None:
-            q = _rotate(q, cos, sin)
+            q = apply_rotary(q, cos[:, None, :], sin[:, None, :])
         out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
                                       cache_batch_idx=slots.to(torch.int32), softmax_scale=scale, causal=True)
         return out[:, 0]

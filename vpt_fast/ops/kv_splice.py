@@ -24,11 +24,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import choose, device_backends
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from .mrope import apply_rotary
 
 
 def kv_splice_reference(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
@@ -36,7 +32,7 @@ def kv_splice_reference(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, 
     n = slot_mapping.numel()
     k, v = k_new[:n], v_new[:n]
     if cos is not None:
-        k = k * cos[:n, None, :] + _rotate_half(k) * sin[:n, None, :]
+        k = apply_rotary(k, cos[:n, None, :], sin[:n, None, :])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     heads, dim = k_cache.shape[-2:]

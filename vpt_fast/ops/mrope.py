@@ -14,6 +14,13 @@ from typing import Sequence
 import torch
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, x * cos + rotate_half(x) * sin, with transformers' operation order
+    (cos/sin already broadcastable to x: the M-RoPE-composed tables of Qwen2-VL)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 def mrope_positions(token_ids, start: int, image_grids: Sequence[Sequence[int]] = (), *, image_pad_id: int,
                     spatial_merge_size: int = 2) -> tuple[torch.Tensor, int]:
     """Positions (3, T) int64 of `token_ids` placed after a sequence whose next text

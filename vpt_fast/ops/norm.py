@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose, requested_backend
+from ._dispatch import choose, triton_or_torch
 
 
 def add_rms_norm_reference(x, residual, weight, eps: float):
@@ -24,21 +24,7 @@ def silu_mul_reference(gate, up):
 
 
 def _backend(op: str, t: torch.Tensor, backend: str | None) -> str:
-    requested = requested_backend(backend)
-    if t.device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-
-            triton_ok: bool | str = True
-        except ImportError:
-            triton_ok = "triton is not installed"
-    elif requested == "triton":
-        import os
-
-        triton_ok = True if os.environ.get("TRITON_INTERPRET") == "1" else "Triton needs CUDA tensors (or TRITON_INTERPRET=1)"
-    else:
-        triton_ok = "not chosen automatically on the CPU"
-    return choose(op, requested, {"triton": triton_ok, "torch": True})
+    return choose(op, backend, triton_or_torch(t.device.type, "rmsnorm"))
 
 
 def add_rms_norm(x, residual, weight, eps: float, *, backend: str | None = None):
