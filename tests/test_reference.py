@@ -263,7 +263,7 @@ def test_control_vector_from_round2_prefill_equals_start_hidden(tiny_bundle):
         where = (ids_t[0] == v.actions["clip"].pad).nonzero()[:, 0]
         pos = _mrope_positions(b.model, ids_t, torch.ones_like(ids_t), v.image_pad, grid)
         controls = {}
-        st.forward(ids_t, embeds, {0: ("clip", feats, where)}, torch.ones_like(ids_t), pos,
+        st.forward(ids_t, embeds, {0: ("clip", feats[0], where)}, torch.ones_like(ids_t), pos,
                    DynamicCache(config=b.model.config.text_config), controls)
         start = ids.index(v.actions["clip"].start)
         prefix = st.lm(inputs_embeds=embeds[:, : start + 1], position_ids=pos[:, :, : start + 1]).last_hidden_state

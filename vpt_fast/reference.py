@@ -103,6 +103,24 @@ class _Row:
 # ----------------------------------------------------------------------------- the VPT model step
 
 
+@torch.no_grad()
+def branch_features(bundle: VPTBundle, kind: str, pixels: torch.Tensor) -> torch.Tensor:
+    """DINOv2 patch tokens without CLS (B, 256, D), or SAM image embeddings (B, C, 64, 64)."""
+    if kind == "dino":
+        return bundle.detection_model(pixel_values=pixels).last_hidden_state[:, 1:]
+    return bundle.seg_model(pixel_values=pixels).last_hidden_state
+
+
+@torch.no_grad()
+def project_features(bundle: VPTBundle, kind: str, features: torch.Tensor, control: torch.Tensor | None) -> torch.Tensor:
+    """One image's re-encoding features -> (N, H) pad embeddings (VPT_SPEC 4); control (H,) or None."""
+    c = None if control is None else control[None]
+    if kind == "clip":
+        return bundle.clip_projector([features], c)[0]
+    projector = bundle.detection_projector if kind == "dino" else bundle.seg_projector
+    return projector(features, c)[0]
+
+
 class _VPTStepper:
     """Forward passes of the published VPT model class, on transformers 5 modules."""
 
@@ -130,18 +148,10 @@ class _VPTStepper:
         sizes = (grid.prod(-1) // self.cfg.vision_config.spatial_merge_size**2).tolist()
         return list(torch.split(out, sizes)), grid
 
-    def reencode_features(self, kind: str, model_input) -> torch.Tensor | list[torch.Tensor]:
+    def reencode_features(self, kind: str, model_input) -> torch.Tensor:
         if kind == "clip":
-            return self.vision_features([model_input], self.b.processor)[0]
-        if kind == "dino":
-            return self.b.detection_model(pixel_values=model_input.to(self.device, self.dtype)).last_hidden_state[:, 1:]
-        return self.b.seg_model(pixel_values=model_input.to(self.device, self.dtype)).last_hidden_state
-
-    def project(self, kind: str, features, control: torch.Tensor | None) -> torch.Tensor:
-        if kind == "clip":
-            return self.b.clip_projector(features, control)[0]
-        projector = self.b.detection_projector if kind == "dino" else self.b.seg_projector
-        return projector(features, control)[0]
+            return self.vision_features([model_input], self.b.processor)[0][0]
+        return branch_features(self.b, kind, model_input.to(self.device, self.dtype))
 
     def lm_pass(self, embeds, attention_mask, position_ids, cache):
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -159,13 +169,13 @@ class _VPTStepper:
         if not self.vcfg.two_pass:
             embeds = embeds.clone()
             for row, (kind, feats, where) in reencode_rows.items():
-                embeds[row, where] = self.project(kind, feats, None)
+                embeds[row, where] = project_features(self.b, kind, feats, None)
             new_cache = copy.deepcopy(cache)
             return self.lm_pass(embeds, attention_mask, position_ids, new_cache), new_cache
 
         first = embeds.clone()
         for row, (kind, feats, where) in reencode_rows.items():
-            first[row, where] = self.project(kind, feats, None).to(first.dtype)
+            first[row, where] = project_features(self.b, kind, feats, None).to(first.dtype)
         hidden1 = self.lm_pass(first, attention_mask, position_ids, copy.deepcopy(cache))
 
         second = embeds.clone()
@@ -180,7 +190,7 @@ class _VPTStepper:
         for row, (kind, feats, where) in reencode_rows.items():
             if row not in controls:
                 raise RuntimeError(f"row {row}: re-encoding pads without an action token before them")
-            second[row, where] = self.project(kind, feats, controls[row][None]).to(second.dtype)
+            second[row, where] = project_features(self.b, kind, feats, controls[row]).to(second.dtype)
         new_cache = copy.deepcopy(cache)
         return self.lm_pass(second, attention_mask, position_ids, new_cache), new_cache
 
@@ -334,6 +344,11 @@ def _cut_at_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
+def body_of(ids: list[int], eos: int) -> list[int]:
+    """A round's ids without its closing end-of-turn token."""
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
 @dataclass
 class PerceptionPlan:
     """What one perception adds to the conversation (VPT_SPEC 7)."""
@@ -346,9 +361,12 @@ class PerceptionPlan:
     cells: list[tuple[int, int, int, int]]
 
 
-def plan_perception(bundle: VPTBundle, perception, original, body_ids: list[int]):
+def plan_perception(bundle: VPTBundle, perception, original, first, body_ids: list[int]):
     """The next turns for a parsed output: a PerceptionPlan, None (nothing to look at:
-    the output is the answer), or a finish reason when the request cannot go on."""
+    the output is the answer), or a finish reason when the request cannot go on.
+
+    original: the request's image as loaded; first: it prepared as the first image (the
+    clip branch re-encodes exactly that)."""
     tok, proc = bundle.tokenizer, bundle.processor
     if isinstance(perception, spec.Malformed):
         return "malformed"
@@ -357,8 +375,7 @@ def plan_perception(bundle: VPTBundle, perception, original, body_ids: list[int]
         if kind not in bundle.reencode_kinds:
             return f"unsupported:{kind}"
         if kind == "clip":
-            model_input = proc.prepare(original)
-            n = proc.token_count(model_input)
+            model_input, n = first, proc.token_count(first)
         elif kind == "dino":
             model_input, n = proc.dino_inputs([original]), _dino_tokens(bundle)
         else:
@@ -409,13 +426,13 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
     r2_index: list[int] = []
     for i, new in enumerate(r1_new):
         round1 = _cut_at_eos(new, vocab.im_end)
-        body = round1[:-1] if round1 and round1[-1] == vocab.im_end else round1
+        body = body_of(round1, vocab.im_end)
         perception = spec.parse_perception(body, vocab)
         res = ReferenceResult(round1_prompt_ids=r1_rows[i].ids, round1_ids=round1, round2_prompt_ids=None, answer_ids=[],
                               text=tok.decode(body, skip_special_tokens=True), perception=perception,
                               finish_reason=r1_finish[i], round1_logits=r1_logits[i] if r1_logits else None)
         results.append(res)
-        plan = plan_perception(bundle, perception, originals[i], body)
+        plan = plan_perception(bundle, perception, originals[i], firsts[i], body)
         if isinstance(plan, str):
             res.finish_reason = plan
         elif plan is not None:
@@ -430,8 +447,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
             res = results[i]
             res.round2_prompt_ids = r2_rows[j].ids
             res.answer_ids = _cut_at_eos(r2_new[j], vocab.im_end)
-            body = res.answer_ids[:-1] if res.answer_ids and res.answer_ids[-1] == vocab.im_end else res.answer_ids
-            res.text = tok.decode(body, skip_special_tokens=True)
+            res.text = tok.decode(body_of(res.answer_ids, vocab.im_end), skip_special_tokens=True)
             res.finish_reason = r2_finish[j]
             res.answer_logits = r2_logits[j] if r2_logits else None
     return results

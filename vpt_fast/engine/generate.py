@@ -26,10 +26,11 @@ from .. import spec
 from ..checkpoint import VPTBundle
 from ..ops import mrope_positions
 from ..preprocess import load_image
-from ..reference import _sample, conversation, encode, plan_perception, user_content, vision_span
+from ..reference import (_check_requests, _sample, body_of, branch_features, conversation, encode, plan_perception, project_features,
+                         user_content, vision_span)
 from .cache import KVCache
 from .decode import BUCKETS, DecodeStep
-from .perception import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs, body_of,
+from .perception import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs,
                          count_image_runs, longest_common_prefix)
 from .runner import Runner
 
@@ -127,8 +128,6 @@ class Engine:
         whose image or prompt is unusable finishes with reason "error" and its message;
         the others go on.
         """
-        from ..reference import _check_requests
-
         answer_max_new_tokens = max_new_tokens if answer_max_new_tokens is None else answer_max_new_tokens
         for name, value in (("max_new_tokens", max_new_tokens), ("answer_max_new_tokens", answer_max_new_tokens),
                             ("max_perception_rounds", max_perception_rounds)):
@@ -211,7 +210,7 @@ class Engine:
                 perception = spec.parse_perception(body, self.vocab)
                 if s.round == 0:
                     s.perception = perception
-                plan = plan_perception(self.bundle, perception, s.original, body)
+                plan = plan_perception(self.bundle, perception, s.original, s.first, body)
                 if plan is None:
                     s.finish(reason)
                 elif isinstance(plan, str):
@@ -311,7 +310,6 @@ class Engine:
 
     def _encode_reencodes(self, items: list[tuple[SequenceState, Segment]]) -> None:
         """Encoder features of every re-encoding request of this step: one call per branch."""
-        b = self.bundle
         by_kind: dict[str, list[tuple[SequenceState, Segment]]] = {}
         for s, seg in items:
             if seg.reencode is not None:
@@ -322,21 +320,17 @@ class Engine:
                     seg.reencode = ("clip", s.features[0])
                 continue
             pixels = torch.cat([seg.reencode[1] for _, seg in group]).to(self.device, self.runner.dtype)
-            with torch.no_grad():
-                if kind == "dino":
-                    feats = b.detection_model(pixel_values=pixels).last_hidden_state[:, 1:]
-                else:
-                    feats = b.seg_model(pixel_values=pixels).last_hidden_state
+            feats = branch_features(self.bundle, kind, pixels)
             for j, (_, seg) in enumerate(group):
                 seg.reencode = (kind, feats[j : j + 1])
 
-    def _vision(self, items: list[tuple[SequenceState, Segment]]) -> dict[int, list[torch.Tensor]]:
-        """Vision features of every image of these segments: one tower call for all."""
+    def _vision(self, items: list[tuple[SequenceState, Segment]]) -> dict[int, list[tuple[torch.Tensor, list[int]]]]:
+        """(features, grid_thw) of every image of these segments, per segment: one tower call for all."""
         images, owners = [], []
         for k, (s, seg) in enumerate(items):
             images += seg.images
             owners += [k] * len(seg.images)
-        out: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(items))}
+        out: dict[int, list[tuple[torch.Tensor, list[int]]]] = {k: [] for k in range(len(items))}
         if not images:
             return out
         model = self.bundle.model
@@ -371,15 +365,6 @@ class Engine:
                                              merge_size=q.merge_size, temporal_patch_size=q.temporal_patch_size))
                 grids.append([1, out_hw[0] // q.patch_size, out_hw[1] // q.patch_size])
         return torch.cat(rows), torch.tensor(grids)
-
-    def _project(self, kind: str, feats, control: torch.Tensor | None) -> torch.Tensor:
-        b = self.bundle
-        c = control[None] if control is not None else None
-        with torch.no_grad():
-            if kind == "clip":
-                return b.clip_projector([feats], c)[0]
-            projector = b.detection_projector if kind == "dino" else b.seg_projector
-            return projector(feats, c)[0]
 
     def _run_segments(self, cache: KVCache, items: list[tuple[SequenceState, Segment]]) -> None:
         """Append segments to their sequences: embeddings, positions, and a ragged prefill.
@@ -422,7 +407,7 @@ class Engine:
                         control = s.control if self.two_pass else None
                         if self.two_pass and control is None:
                             raise RuntimeError(f"request {s.index}: re-encoding pads with no action token before them")
-                        p["embeds"][where] = self._project(kind, feats, control).to(p["embeds"].dtype)
+                        p["embeds"][where] = project_features(self.bundle, kind, feats, control).to(p["embeds"].dtype)
             T = max(z - a for a, z in (p["pieces"][r] for p in batch))
             H = self.runner.hidden_size
             embeds = torch.zeros(len(batch), T, H, dtype=self.runner.dtype, device=self.device)

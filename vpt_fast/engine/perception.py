@@ -156,11 +156,7 @@ def count_image_runs(ids: list[int], image_pad: int) -> int:
     return runs
 
 
-def body_of(ids: list[int], eos: int) -> list[int]:
-    return ids[:-1] if ids and ids[-1] == eos else ids
-
-
 __all__ = [
     "GenerationResult", "PerceptionTrace", "Segment", "SequenceState", "longest_common_prefix", "back_out_of_runs",
-    "count_image_runs", "body_of",
+    "count_image_runs",
 ]
