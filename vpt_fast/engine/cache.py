@@ -30,9 +30,6 @@ class KVCache:
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
 
-    def room(self, slot: int) -> int:
-        return self.max_len - self.length(slot)
-
     def rollback(self, slot: int, length: int) -> None:
         """Forget everything of `slot` from position `length` on."""
         current = self.length(slot)

@@ -58,7 +58,7 @@ class DecodeStep:
         buf.hidden.copy_(hidden)
         buf.logits.copy_(self.runner.logits(hidden))
 
-    def _capture(self, n: int, buf: _Buffers) -> torch.cuda.CUDAGraph:
+    def _capture(self, buf: _Buffers) -> torch.cuda.CUDAGraph:
         buf.slots.fill_(self.scratch)  # warm-up and capture touch only the scratch slot
         buf.use_override.zero_()
         stream = torch.cuda.Stream()
@@ -92,7 +92,7 @@ class DecodeStep:
         if self.use_graphs:
             graph = self._graphs.get(n)
             if graph is None:
-                graph = self._graphs[n] = self._capture(n, buf)
+                graph = self._graphs[n] = self._capture(buf)
         host = host.to(self.runner.device, non_blocking=True)
         buf.tokens.copy_(host[0])
         buf.positions.copy_(host[1][None].expand(3, -1))
