@@ -10,7 +10,8 @@ from paths import ORIGINAL
 
 import vpt_fast
 from vpt_fast.engine import Engine, FinishEvent, TokenEvent
-from vpt_fast.reference import conversation, encode, two_round_generate, user_content, vision_span
+from vpt_fast.prompt import conversation, encode, user_content, vision_span
+from vpt_fast.reference import two_round_generate
 
 PREFIX = {"clip": "clip", "dino": "detection", "sam": "seg"}
 
@@ -245,7 +246,7 @@ class ScriptedEngine(Engine):
 
 def test_second_perception_equals_a_fresh_prefill(tiny_bundle):
     """After two region perceptions the cache gives the logits of the whole conversation read at once."""
-    from vpt_fast.reference import region_prompt
+    from vpt_fast.prompt import region_prompt
 
     b = tiny_bundle("region")
     tok, v, proc = b.tokenizer, b.vocab, b.processor
@@ -302,7 +303,7 @@ def test_engine_argument_errors(tiny_bundle):
 
 def test_device_image_pipeline(tiny_bundle):
     """Patches made on the device from the original image stay within PIL's rounding of the host path."""
-    from vpt_fast.engine.perception import Segment
+    from vpt_fast.engine.state import Segment
 
     b = tiny_bundle("region")
     tok = b.tokenizer
@@ -314,7 +315,7 @@ def test_device_image_pipeline(tiny_bundle):
     assert device.round1_ids == pil.round1_ids and len(device.answer_ids) == len(pil.answer_ids)
     engine = Engine(b, image_pipeline="device")
     (r,) = engine.generate([image], ["Q"], 10, forced)
-    from vpt_fast.engine.perception import SequenceState
+    from vpt_fast.engine.state import SequenceState
 
     s = SequenceState(0, 0, image, b.processor.prepare(image), "", [], None, 4, 4)
     s.boxes += list(r.trace[0].boxes)

@@ -17,59 +17,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from . import spec
 from .checkpoint import VPTBundle
+from .perception import branch_features, plan_perception, project_features
 from .preprocess import load_image
-
-IMAGE_PLACEHOLDER = "<image>"
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def vision_span(pad_token: str, count: int) -> str:
-    return spec.VISION_START + pad_token * count + spec.VISION_END
-
-
-def user_content(prompt: str, image_span: str) -> str:
-    """The user's text with its one `<image>` placeholder replaced (image first when absent)."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
-    n = prompt.count(IMAGE_PLACEHOLDER)
-    if n > 1:
-        raise ValueError(f"a prompt may hold at most one {IMAGE_PLACEHOLDER!r} placeholder (one image per request), got {n}")
-    if n == 0:
-        return image_span + prompt
-    return prompt.replace(IMAGE_PLACEHOLDER, image_span)
-
-
-def conversation(turns: Sequence[tuple[str, str]]) -> str:
-    """Qwen2-VL chat text: system prompt, then (role, content) turns, then the assistant header."""
-    text = f"{spec.IM_START}system\n{spec.SYSTEM_PROMPT}{spec.IM_END}\n"
-    for role, content in turns:
-        text += f"{spec.IM_START}{role}\n{content}{spec.IM_END}\n"
-    return text + f"{spec.IM_START}assistant\n"
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def region_prompt(n_crops: int, crop_spans: Sequence[str]) -> str:
-    """Round-2 user turn for region crops: the crop alone, or "Region i: <crop>\\n" for several."""
-    if n_crops == 1:
-        return crop_spans[0]
-    return "".join(f"Region {i}: {span}\n" for i, span in enumerate(crop_spans))
-
-
-def action_text(kind: str) -> str:
-    t = spec.ACTION_TOKENS[kind]
-    return t.start + t.action + t.end
-
+from .prompt import body_of, conversation, cut_at_eos, encode, user_content, vision_span
+from .sampling import check_requests, sample
 
 # ----------------------------------------------------------------------------- results
 
@@ -101,24 +58,6 @@ class _Row:
 
 
 # ----------------------------------------------------------------------------- the VPT model step
-
-
-@torch.no_grad()
-def branch_features(bundle: VPTBundle, kind: str, pixels: torch.Tensor) -> torch.Tensor:
-    """DINOv2 patch tokens without CLS (B, 256, D), or SAM image embeddings (B, C, 64, 64)."""
-    if kind == "dino":
-        return bundle.detection_model(pixel_values=pixels).last_hidden_state[:, 1:]
-    return bundle.seg_model(pixel_values=pixels).last_hidden_state
-
-
-@torch.no_grad()
-def project_features(bundle: VPTBundle, kind: str, features: torch.Tensor, control: torch.Tensor | None) -> torch.Tensor:
-    """One image's re-encoding features -> (N, H) pad embeddings (VPT_SPEC 4); control (H,) or None."""
-    c = None if control is None else control[None]
-    if kind == "clip":
-        return bundle.clip_projector([features], c)[0]
-    projector = bundle.detection_projector if kind == "dino" else bundle.seg_projector
-    return projector(features, c)[0]
 
 
 class _VPTStepper:
@@ -205,19 +144,6 @@ def _mrope_positions(model, ids: torch.Tensor, mask: torch.Tensor, image_token_i
     return pos
 
 
-def _sample(scores: torch.Tensor, do_sample: bool, top_k, top_p, generator) -> torch.Tensor:
-    if not do_sample:
-        return scores.argmax(-1)
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-    if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if top_p is not None and top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
 @torch.no_grad()
 def _generate(bundle: VPTBundle, rows: list[_Row], max_new_tokens: int, do_sample: bool, top_k, top_p, generator,
               return_logits: bool):
@@ -274,7 +200,7 @@ def _generate(bundle: VPTBundle, rows: list[_Row], max_new_tokens: int, do_sampl
                 forced = torch.full_like(scores[i], float("-inf"))
                 forced[r.forced[step]] = 0.0
                 scores[i] = forced
-        token = _sample(scores, do_sample, top_k, top_p, generator)
+        token = sample(scores, do_sample, top_k, top_p, generator)
         token = torch.where(unfinished, token, torch.full_like(token, pad_id))
         for i in range(B):
             if unfinished[i]:
@@ -313,86 +239,6 @@ def _generate(bundle: VPTBundle, rows: list[_Row], max_new_tokens: int, do_sampl
 # ----------------------------------------------------------------------------- the two rounds
 
 
-def _check_requests(bundle, images, prompts, forced_tokens):
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of str (one per request)")
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        raise TypeError("images must be a list (one path or PIL image per request)")
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: one image per request expected")
-    if not prompts:
-        raise ValueError("no requests given")
-    if forced_tokens is None:
-        return [None] * len(prompts)
-    if len(forced_tokens) != len(prompts):
-        raise ValueError(f"forced_tokens has {len(forced_tokens)} entries for {len(prompts)} requests")
-    vocab_size = bundle.model.config.text_config.vocab_size
-    out = []
-    for i, f in enumerate(forced_tokens):
-        if f is None:
-            out.append(None)
-            continue
-        f = [int(t) if isinstance(t, int) or (hasattr(t, "__int__") and not isinstance(t, (str, float))) else t for t in f]
-        bad = [t for t in f if not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"forced_tokens[{i}] holds {bad[:5]}: token ids in [0, {vocab_size}) expected")
-        out.append(f)
-    return out
-
-
-def _cut_at_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
-
-
-def body_of(ids: list[int], eos: int) -> list[int]:
-    """A round's ids without its closing end-of-turn token."""
-    return ids[:-1] if ids and ids[-1] == eos else ids
-
-
-@dataclass
-class PerceptionPlan:
-    """What one perception adds to the conversation (VPT_SPEC 7)."""
-
-    kind: str
-    turns: list[tuple[str, str]]  # the assistant turn that asked, then the user turn that shows
-    images: list[Any]  # capped crops, for the <|image_pad|> runs of the new user turn
-    reencode: tuple[str, Any] | None  # (kind, encoder input) for the re-encoding pad run
-    boxes: list[tuple[int, int, int, int]]
-    cells: list[tuple[int, int, int, int]]
-
-
-def plan_perception(bundle: VPTBundle, perception, original, first, body_ids: list[int]):
-    """The next turns for a parsed output: a PerceptionPlan, None (nothing to look at:
-    the output is the answer), or a finish reason when the request cannot go on.
-
-    original: the request's image as loaded; first: it prepared as the first image (the
-    clip branch re-encodes exactly that)."""
-    tok, proc = bundle.tokenizer, bundle.processor
-    if isinstance(perception, spec.Malformed):
-        return "malformed"
-    if isinstance(perception, spec.ReencodeRequest):
-        kind = perception.kind
-        if kind not in bundle.reencode_kinds:
-            return f"unsupported:{kind}"
-        if kind == "clip":
-            model_input, n = first, proc.token_count(first)
-        elif kind == "dino":
-            model_input, n = proc.dino_inputs([original]), _dino_tokens(bundle)
-        else:
-            model_input, n = proc.sam_inputs([original]), _sam_tokens(bundle)
-        turns = [("assistant", action_text(kind)), ("user", vision_span(spec.ACTION_TOKENS[kind].pad, n))]
-        w, h = original.size
-        return PerceptionPlan(kind, turns, [], (kind, model_input), [(0, 0, w, h)], [])
-    if isinstance(perception, spec.RegionRequest):
-        w, h = original.size
-        boxes = [spec.block_box(b, w, h) for b in perception.blocks]
-        crops = [proc.prepare_crop(original, box) for box in boxes]
-        spans = [vision_span(spec.IMAGE_PAD, proc.token_count(c)) for c in crops]
-        turns = [("assistant", tok.decode(body_ids, skip_special_tokens=False)), ("user", region_prompt(len(crops), spans))]
-        return PerceptionPlan("region", turns, crops, None, boxes, [b.cells for b in perception.blocks])
-    return None
-
-
 def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int = 64, forced_tokens=None,
                        do_sample: bool = False, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                        return_logits: bool = False, answer_max_new_tokens: int | None = None) -> list[ReferenceResult]:
@@ -409,7 +255,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
     for name, value in (("max_new_tokens", max_new_tokens), ("answer_max_new_tokens", answer_max_new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    forced = _check_requests(bundle, images, prompts, forced_tokens)
+    forced = check_requests(bundle, images, prompts, forced_tokens)
     tok, vocab, proc = bundle.tokenizer, bundle.vocab, bundle.processor
     generator = torch.Generator(device=bundle.model.lm_head.weight.device).manual_seed(seed)
     torch.manual_seed(seed)
@@ -425,7 +271,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
     r2_rows: list[_Row] = []
     r2_index: list[int] = []
     for i, new in enumerate(r1_new):
-        round1 = _cut_at_eos(new, vocab.im_end)
+        round1 = cut_at_eos(new, vocab.im_end)
         body = body_of(round1, vocab.im_end)
         perception = spec.parse_perception(body, vocab)
         res = ReferenceResult(round1_prompt_ids=r1_rows[i].ids, round1_ids=round1, round2_prompt_ids=None, answer_ids=[],
@@ -446,18 +292,8 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
         for j, i in enumerate(r2_index):
             res = results[i]
             res.round2_prompt_ids = r2_rows[j].ids
-            res.answer_ids = _cut_at_eos(r2_new[j], vocab.im_end)
+            res.answer_ids = cut_at_eos(r2_new[j], vocab.im_end)
             res.text = tok.decode(body_of(res.answer_ids, vocab.im_end), skip_special_tokens=True)
             res.finish_reason = r2_finish[j]
             res.answer_logits = r2_logits[j] if r2_logits else None
     return results
-
-
-def _dino_tokens(bundle: VPTBundle) -> int:
-    c = bundle.detection_model.config
-    return (224 // c.patch_size) ** 2
-
-
-def _sam_tokens(bundle: VPTBundle) -> int:
-    c = bundle.seg_model.config
-    return (c.image_size // c.patch_size // 4) ** 2

@@ -1,6 +1,6 @@
 """The single-pass VPT engine."""
 
 from .generate import Engine, FinishEvent, PerceptionEvent, TokenEvent
-from .perception import GenerationResult, PerceptionTrace
+from .state import GenerationResult, PerceptionTrace
 
 __all__ = ["Engine", "FinishEvent", "GenerationResult", "PerceptionEvent", "PerceptionTrace", "TokenEvent"]

@@ -25,12 +25,13 @@ import torch
 from .. import spec
 from ..checkpoint import VPTBundle
 from ..ops import mrope_positions
+from ..perception import branch_features, plan_perception, project_features
 from ..preprocess import load_image
-from ..reference import (_check_requests, _sample, body_of, branch_features, conversation, encode, plan_perception, project_features,
-                         user_content, vision_span)
+from ..prompt import body_of, conversation, encode, user_content, vision_span
+from ..sampling import check_requests, sample
 from .cache import KVCache
 from .decode import BUCKETS, DecodeStep
-from .perception import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs,
+from .state import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs,
                          count_image_runs, longest_common_prefix)
 from .runner import Runner
 
@@ -133,7 +134,7 @@ class Engine:
                             ("max_perception_rounds", max_perception_rounds)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_perception_rounds" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'max_perception_rounds' else 'positive'} int, got {value!r}")
-        forced = _check_requests(self.bundle, images, prompts, forced_tokens)
+        forced = check_requests(self.bundle, images, prompts, forced_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)
         self._return_logits = return_logits
@@ -247,7 +248,7 @@ class Engine:
                 row = torch.full_like(scores[i], float("-inf"))
                 row[s.forced[step]] = 0.0
                 scores[i] = row
-        return _sample(scores, do_sample, top_k, top_p, generator).tolist()
+        return sample(scores, do_sample, top_k, top_p, generator).tolist()
 
     def _decode(self, cache: KVCache, steps: list[tuple[SequenceState, int]]) -> None:
         """One new token for each of several sequences (a captured graph on CUDA)."""

@@ -2,7 +2,7 @@
 
 The engine keeps, for each request, the token ids exactly as they sit in its KV
 cache, the conversation turns they encode, and the positions bookkeeping needed to
-roll back. When a round ends, `splice_for` compares the conversation the two-round
+roll back. When a round ends, the engine compares the conversation the two-round
 reference would build next with what the cache holds: the longest common prefix
 stays, the rest is rolled back and the new segment is spliced in (VPT_SPEC 9).
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 
 
 @dataclass
