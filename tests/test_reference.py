@@ -337,7 +337,7 @@ def test_bad_requests(tiny_bundle, tmp_path):
         two_round_generate(b, [image], ["<image> and <image>"])
     with pytest.raises(ValueError, match="1 images for 2 prompts"):
         two_round_generate(b, [image], ["a", "b"])
-    with pytest.raises(ValueError, match=r"forced_tokens\[0\] holds \[99999\]"):
+    with pytest.raises(ValueError, match=r"request 0: forced tokens hold \[99999\]"):
         two_round_generate(b, [image], ["a"], forced_tokens=[[99999]])
     with pytest.raises(ValueError, match="forced_tokens has 2 entries for 1 requests"):
         two_round_generate(b, [image], ["a"], forced_tokens=[None, None])

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -18,10 +19,14 @@ __version__ = "0.1.0"
 __all__ = ["Engine", "GenerationResult", "accelerate", "from_pretrained", "ops"]
 
 
-def from_pretrained(path_or_model, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def from_pretrained(path_or_model, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                     max_seq_len: int = 4096, **accelerate_kwargs) -> Engine:
     """An Engine for a checkpoint folder (released VPT format, transformers-5 layout or
-    plain Qwen2-VL), or for an already loaded transformers model (then as `accelerate`)."""
+    plain Qwen2-VL), or for an already loaded transformers model (then as `accelerate`).
+
+    dtype: torch.float32, bfloat16 or float16, or its name ("bfloat16"); device: "cpu" or
+    a CUDA device; anything else raises ValueError before any weight is read. A
+    max_seq_len above the model's max_position_embeddings raises ValueError too."""
     if isinstance(path_or_model, (str, os.PathLike)):
         from .checkpoint import load_vpt_checkpoint
 
@@ -66,6 +71,13 @@ def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None
     if (detection_projector is None) != (detection_model is None) or (seg_projector is None) != (seg_model is None):
         raise ValueError("give each re-encoding encoder together with its projector (detection_model with "
                          "detection_projector, seg_model with seg_projector)")
+    for kind in vcfg.vision_encoder_ls:
+        if branches[kind] is None:
+            from .perception import BRANCH_MODULES
+
+            warnings.warn(f"vpt_config names the {kind} branch (vision_encoder_ls {list(vcfg.vision_encoder_ls)}) but "
+                          f"{' and '.join(m + '=' for m in BRANCH_MODULES[kind])} was not given: requests where the "
+                          f"model asks for {kind} re-encoding will finish 'unsupported:{kind}'", stacklevel=2)
     bundle = VPTBundle(model=hf_model, tokenizer=tokenizer, processor=VPTImageProcessor(qwen=qwen),
                        vpt_config=vcfg, vocab=spec.Vocab.from_tokenizer(tokenizer), clip_projector=clip_projector,
                        detection_model=detection_model, detection_projector=detection_projector, seg_model=seg_model,

@@ -89,3 +89,17 @@ def sam_token_count(bundle: VPTBundle) -> int:
     """Pad tokens of a SAM re-encoding: the embedding grid after the projector's stride-4 conv."""
     c = bundle.seg_model.config
     return (c.image_size // c.patch_size // 4) ** 2
+
+
+BRANCH_MODULES = {"clip": ("clip_projector",), "dino": ("detection_model", "detection_projector"),
+                  "sam": ("seg_model", "seg_projector")}
+
+
+def unsupported_message(kind: str, vpt_config) -> str:
+    """Why a re-encoding request of `kind` cannot be served, for a result's `error`."""
+    if kind in vpt_config.vision_encoder_ls:
+        modules = " and ".join(f"{m}=" for m in BRANCH_MODULES[kind])
+        return (f"the model asked for {kind} re-encoding: its config names the {kind} branch, but the engine was "
+                f"built without its modules (give {modules} to vpt_fast.accelerate)")
+    return (f"the model asked for {kind} re-encoding, which this checkpoint has no branch for "
+            f"(vision_encoder_ls {list(vpt_config.vision_encoder_ls)})")

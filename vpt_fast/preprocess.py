@@ -37,8 +37,15 @@ _WIDE_MODES = ("I", "F")
 
 
 def load_image(image: Any) -> Image.Image:
-    """Open a path (or take a PIL image) and load its pixels; mode and size are left unchanged."""
+    """Open a path (or take a PIL image) and load its pixels; mode and size are left unchanged.
+
+    Raises FileNotFoundError for a missing file, TypeError for something that is neither a
+    path nor a PIL image, and ValueError (naming the file) for data PIL cannot decode, an
+    image over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, twice over) and
+    an image with a side of 0 pixels.
+    """
     if isinstance(image, Image.Image):
+        _check_size(image, "the image")
         image.load()
         return image
     if not isinstance(image, (str, os.PathLike)):
@@ -46,17 +53,33 @@ def load_image(image: Any) -> Image.Image:
     path = os.fspath(image)
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an image file")
     try:
         opened = Image.open(path)
     except UnidentifiedImageError as exc:
         raise ValueError(f"{path}: not an image file PIL can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{path}: refused ({exc})") from exc
     with opened:
+        _check_size(opened, path)
         try:
             opened.load()
-        except (OSError, SyntaxError) as exc:
-            # Truncated or corrupt data surfaces only while decoding.
-            raise ValueError(f"{path}: not an image file PIL can read ({exc})") from exc
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"{path}: refused ({exc})") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Truncated or corrupt data surfaces only while decoding, as whatever the decoder
+            # raises (OSError, SyntaxError, EOFError, struct.error, ...).
+            raise ValueError(f"{path}: not an image file PIL can read ({type(exc).__name__}: {exc})") from exc
     return opened
+
+
+def _check_size(image: Image.Image, what: str) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} is {width}x{height} pixels: both sides must be at least 1 pixel")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -164,6 +187,22 @@ class QwenImageConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     rescale_factor: float = 1 / 255
 
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(math.isfinite(v) for v in value):
+                raise ValueError(f"{name} must be 3 finite numbers (R, G, B), got {value!r}")
+        if not all(v > 0 for v in self.image_std):
+            raise ValueError(f"image_std must be positive, got {self.image_std!r}")
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive number, got {self.rescale_factor!r}")
+
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
@@ -181,26 +220,34 @@ class QwenImageConfig:
         if d.get("resample", Image.Resampling.BICUBIC) != Image.Resampling.BICUBIC:
             raise ValueError(f"only BICUBIC (3) resampling is supported, got {d['resample']}")
         size = d.get("size") or {}
+        if not isinstance(size, dict):
+            raise ValueError(f"size must be an object, got {size!r}")
         default = cls()
 
         def pick(*values: Any) -> Any:
             return next(v for v in values if v is not None)
 
+        def floats(name: str) -> tuple[float, ...]:
+            value = d.get(name, getattr(default, name))
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a list of 3 numbers, got {value!r}")
+            try:
+                return tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a list of 3 numbers, got {value!r}") from None
+
+        rescale = d.get("rescale_factor", default.rescale_factor)
+        if not isinstance(rescale, (int, float)) or isinstance(rescale, bool):
+            raise ValueError(f"rescale_factor must be a positive number, got {rescale!r}")
         return cls(
-            patch_size=int(d.get("patch_size", default.patch_size)),
-            merge_size=int(d.get("merge_size", default.merge_size)),
-            temporal_patch_size=int(d.get("temporal_patch_size", default.temporal_patch_size)),
-            min_pixels=int(
-                pick(d.get("min_pixels"), size.get("min_pixels"), size.get("shortest_edge"),
-                     default.min_pixels)
-            ),
-            max_pixels=int(
-                pick(d.get("max_pixels"), size.get("max_pixels"), size.get("longest_edge"),
-                     default.max_pixels)
-            ),
-            image_mean=tuple(float(v) for v in d.get("image_mean", default.image_mean)),
-            image_std=tuple(float(v) for v in d.get("image_std", default.image_std)),
-            rescale_factor=float(d.get("rescale_factor", default.rescale_factor)),
+            patch_size=d.get("patch_size", default.patch_size),
+            merge_size=d.get("merge_size", default.merge_size),
+            temporal_patch_size=d.get("temporal_patch_size", default.temporal_patch_size),
+            min_pixels=pick(d.get("min_pixels"), size.get("min_pixels"), size.get("shortest_edge"), default.min_pixels),
+            max_pixels=pick(d.get("max_pixels"), size.get("max_pixels"), size.get("longest_edge"), default.max_pixels),
+            image_mean=floats("image_mean"),
+            image_std=floats("image_std"),
+            rescale_factor=float(rescale),
         )
 
     def to_dict(self) -> dict:

@@ -3,15 +3,47 @@
 Shared by the reference pipeline and the engine: both must encode exactly the same
 conversation, so this is the one place that knows the template, the image spans and
 the fixed round-2 texts.
+
+A user's prompt is text: it may not hold the text of a special token (`<|image_pad|>`,
+`<|im_end|>`, a VPT token, ...), which the tokenizer would read as that token and so
+change the conversation's structure or its image-pad count. Such a prompt is refused
+(`check_user_text`), never silently altered; the image goes where `<image>` stands.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from . import spec
+from .preprocess import load_image
 
 IMAGE_PLACEHOLDER = "<image>"
+
+
+def special_token_pattern(tokenizer) -> re.Pattern:
+    """A pattern matching the text of every special token the tokenizer parses out of text."""
+    texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    texts |= set(tokenizer.all_special_tokens)
+    texts |= {spec.IM_START, spec.IM_END, spec.VISION_START, spec.VISION_END, spec.IMAGE_PAD}
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def check_user_text(text: str, specials: re.Pattern) -> None:
+    """Refuse a prompt that is not a str, is not valid Unicode, or types a special token."""
+    if not isinstance(text, str):
+        raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise ValueError(f"the prompt is not valid Unicode text: it holds the lone surrogate {bad!r} "
+                         f"at character {e.start}") from None
+    found = specials.search(text)
+    if found:
+        raise ValueError(f"the prompt holds the special token text {found.group()!r} at character {found.start()}: "
+                         f"special tokens cannot be typed in a prompt (place the image with {IMAGE_PLACEHOLDER!r})")
 
 
 def vision_span(pad_token: str, count: int) -> str:
@@ -63,3 +95,30 @@ def body_of(ids: list[int], eos: int) -> list[int]:
 def cut_at_eos(ids: list[int], eos: int) -> list[int]:
     """Ids up to and including the first end-of-turn token (all of them when there is none)."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@dataclass(frozen=True)
+class FirstTurn:
+    """A request's image and prompt, made ready for round 1."""
+
+    original: Any  # the image as loaded (PIL), for crops and re-encoding
+    first: Any  # it capped: the conversation's first image
+    user: str  # the user turn's content, image span included
+    ids: list[int]  # the round-1 prompt: system turn, user turn, assistant header
+
+
+def first_turn(bundle, image, prompt: str, specials: re.Pattern) -> FirstTurn:
+    """Load and check one request's image and prompt and encode its round-1 prompt.
+
+    Raises TypeError / ValueError / OSError with a message naming what is wrong; the
+    image-pad count of the result is always the image's own token count."""
+    check_user_text(prompt, specials)
+    original = load_image(image)
+    first = bundle.processor.prepare(original)
+    n = bundle.processor.token_count(first)
+    user = user_content(prompt, vision_span(spec.IMAGE_PAD, n))
+    ids = encode(bundle.tokenizer, conversation([("user", user)]))
+    got = ids.count(bundle.vocab.image_pad)
+    if got != n:
+        raise ValueError(f"the prompt encodes to {got} image pad tokens where the image has {n}")
+    return FirstTurn(original, first, user, ids)

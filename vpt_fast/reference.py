@@ -24,9 +24,8 @@ import torch
 from . import spec
 from .checkpoint import VPTBundle
 from .perception import branch_features, plan_perception, project_features
-from .preprocess import load_image
-from .prompt import body_of, conversation, cut_at_eos, encode, user_content, vision_span
-from .sampling import check_requests, sample
+from .prompt import body_of, conversation, cut_at_eos, encode, first_turn, special_token_pattern
+from .sampling import check_batch, check_forced, sample
 
 # ----------------------------------------------------------------------------- results
 
@@ -255,16 +254,21 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
     for name, value in (("max_new_tokens", max_new_tokens), ("answer_max_new_tokens", answer_max_new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    forced = check_requests(bundle, images, prompts, forced_tokens)
-    tok, vocab, proc = bundle.tokenizer, bundle.vocab, bundle.processor
+    forced = check_batch(images, prompts, forced_tokens)
+    tok, vocab = bundle.tokenizer, bundle.vocab
     generator = torch.Generator(device=bundle.model.lm_head.weight.device).manual_seed(seed)
     torch.manual_seed(seed)
 
-    originals = [load_image(im) for im in images]
-    firsts = [proc.prepare(im) for im in originals]
-    spans = [vision_span(spec.IMAGE_PAD, proc.token_count(im)) for im in firsts]
-    users = [user_content(p, s) for p, s in zip(prompts, spans)]
-    r1_rows = [_Row(ids=encode(tok, conversation([("user", u)])), images=[im], forced=f) for u, im, f in zip(users, firsts, forced)]
+    specials = special_token_pattern(tok)
+    vocab_size = bundle.model.config.text_config.vocab_size
+    starts = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        try:
+            forced[i] = check_forced(forced[i], vocab_size)
+            starts.append(first_turn(bundle, image, prompt, specials))
+        except (OSError, ValueError, TypeError) as e:
+            raise type(e)(f"request {i}: {e}") from e
+    r1_rows = [_Row(ids=t.ids, images=[t.first], forced=f) for t, f in zip(starts, forced)]
     r1_new, r1_logits, r1_finish = _generate(bundle, r1_rows, max_new_tokens, do_sample, top_k, top_p, generator, return_logits)
 
     results: list[ReferenceResult] = []
@@ -278,13 +282,13 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
                               text=tok.decode(body, skip_special_tokens=True), perception=perception,
                               finish_reason=r1_finish[i], round1_logits=r1_logits[i] if r1_logits else None)
         results.append(res)
-        plan = plan_perception(bundle, perception, originals[i], firsts[i], body)
+        plan = plan_perception(bundle, perception, starts[i].original, starts[i].first, body)
         if isinstance(plan, str):
             res.finish_reason = plan
         elif plan is not None:
             res.boxes = plan.boxes if plan.kind == "region" else []
-            turns = [("user", users[i]), *plan.turns]
-            r2_rows.append(_Row(ids=encode(tok, conversation(turns)), images=[firsts[i], *plan.images], reencode=plan.reencode))
+            turns = [("user", starts[i].user), *plan.turns]
+            r2_rows.append(_Row(ids=encode(tok, conversation(turns)), images=[starts[i].first, *plan.images], reencode=plan.reencode))
             r2_index.append(i)
 
     if r2_rows:

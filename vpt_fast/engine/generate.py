@@ -16,19 +16,20 @@ attention is causal: a control vector is the final hidden state of the token bef
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .. import spec
-from ..checkpoint import VPTBundle
+from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import mrope_positions
-from ..perception import branch_features, plan_perception, project_features
-from ..preprocess import load_image
-from ..prompt import body_of, conversation, encode, user_content, vision_span
-from ..sampling import check_requests, sample
+from ..perception import branch_features, plan_perception, project_features, unsupported_message
+from ..prompt import body_of, conversation, encode, first_turn, special_token_pattern
+from ..sampling import check_batch, check_forced, sample
 from .cache import KVCache
 from .decode import BUCKETS, DecodeStep
 from .state import (GenerationResult, PerceptionTrace, Segment, SequenceState, back_out_of_runs,
@@ -59,7 +60,8 @@ class Engine:
     """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`).
 
     An engine keeps its KV cache and captured decode graphs between calls; it serves one
-    `generate` / `stream` call at a time.
+    `generate` / `stream` call at a time: calls from several threads take turns, and a
+    second call from a thread whose `stream()` is still open raises RuntimeError.
     """
 
     def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
@@ -79,6 +81,14 @@ class Engine:
             raise ValueError(f"max_batch_size must be an int in [1, {BUCKETS[-1]}], got {max_batch_size!r}")
         self.bundle = bundle
         self.runner = Runner(bundle.model)
+        try:
+            resolve_device(self.runner.device)
+            resolve_dtype(self.runner.dtype)
+        except ValueError as e:
+            raise ValueError(f"the model cannot run here: {e}") from None
+        limit = bundle.model.config.text_config.max_position_embeddings
+        if max_seq_len > limit:
+            raise ValueError(f"max_seq_len {max_seq_len} is above the model's max_position_embeddings {limit}")
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.cuda_graphs = self.runner.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -95,6 +105,10 @@ class Engine:
                 self.action_ids.add(action)
                 self.start_to_action[start] = action
         self.reencode_pads = {a.pad: kind for kind, a in self.vocab.actions.items()}
+        self._specials = special_token_pattern(bundle.tokenizer)
+        self._vocab_size = bundle.model.config.text_config.vocab_size
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the engine for a generate/stream call
         text = bundle.model.config.text_config
         self._cache_shape = (text.num_hidden_layers, text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
 
@@ -134,15 +148,32 @@ class Engine:
                             ("max_perception_rounds", max_perception_rounds)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_perception_rounds" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'max_perception_rounds' else 'positive'} int, got {value!r}")
-        forced = check_requests(self.bundle, images, prompts, forced_tokens)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        torch.manual_seed(seed)
-        self._return_logits = return_logits
-        self._logits_log: dict[int, list[torch.Tensor]] = {}
-        args = (do_sample, top_k, top_p, generator, max_new_tokens, answer_max_new_tokens, max_perception_rounds)
-        for first in range(0, len(prompts), self.max_batch_size):
-            chunk = range(first, min(first + self.max_batch_size, len(prompts)))
-            yield from self._stream_chunk([(i, images[i], prompts[i], forced[i]) for i in chunk], *args)
+        forced = check_batch(images, prompts, forced_tokens)
+        with self._one_call():
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            torch.manual_seed(seed)
+            self._return_logits = return_logits
+            self._logits_log: dict[int, list[torch.Tensor]] = {}
+            args = (do_sample, top_k, top_p, generator, max_new_tokens, answer_max_new_tokens, max_perception_rounds)
+            for first in range(0, len(prompts), self.max_batch_size):
+                chunk = range(first, min(first + self.max_batch_size, len(prompts)))
+                yield from self._stream_chunk([(i, images[i], prompts[i], forced[i]) for i in chunk], *args)
+
+    @contextmanager
+    def _one_call(self):
+        """Hold the engine for one generate/stream call: calls from other threads wait their
+        turn; a second call from the thread already holding it (a stream() left unfinished)
+        is refused, as it could never get its turn."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("this engine is already serving a generate/stream call in this thread (a stream() "
+                               "not finished or closed yet): finish or close that stream first, or use another Engine")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _slot_cache(self, slots: int) -> KVCache:
         """The engine's cache with room for `slots` sequences (plus the decode scratch slot), kept across calls."""
@@ -159,14 +190,12 @@ class Engine:
         seqs: list[SequenceState] = []
         for i, image, prompt, forced in requests:
             try:
-                original = load_image(image)
-                first = self.bundle.processor.prepare(original)
-                user = user_content(prompt, vision_span(spec.IMAGE_PAD, self.bundle.processor.token_count(first)))
+                forced = check_forced(forced, self._vocab_size)
+                turn = first_turn(self.bundle, image, prompt, self._specials)
             except (OSError, ValueError, TypeError) as e:
                 yield FinishEvent(i, GenerationResult([], [], [], "", "error", error=f"request {i}: {e}"))
                 continue
-            ids = encode(self.bundle.tokenizer, conversation([("user", user)]))
-            seqs.append(SequenceState(i, len(seqs), original, first, user, ids, forced, max_new_tokens,
+            seqs.append(SequenceState(i, len(seqs), turn.original, turn.first, turn.user, turn.ids, forced, max_new_tokens,
                                       answer_max_new_tokens))
         if not seqs:
             return
@@ -211,11 +240,18 @@ class Engine:
                 perception = spec.parse_perception(body, self.vocab)
                 if s.round == 0:
                     s.perception = perception
-                plan = plan_perception(self.bundle, perception, s.original, s.first, body)
+                try:
+                    plan = plan_perception(self.bundle, perception, s.original, s.first, body)
+                except (OSError, ValueError, TypeError) as e:
+                    s.finish("error")
+                    s.error = f"request {s.index}: the {perception.kind} perception could not be prepared: {e}"
+                    continue
                 if plan is None:
                     s.finish(reason)
                 elif isinstance(plan, str):
                     s.finish(plan)
+                    if plan.startswith("unsupported:"):
+                        s.error = unsupported_message(perception.kind, self.bundle.vpt_config)
                 else:
                     splices.append((s, plan))
 
