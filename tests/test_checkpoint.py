@@ -580,3 +580,125 @@ def test_image_token_id_disagrees_with_tokenizer(clip_copy):
 
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
+
+
+# ----------------------------------------------------------------------------- unreadable files, options
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _to_safetensors(folder: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in read_bin(folder).items()}, str(folder / "model.safetensors"))
+    (folder / "pytorch_model.bin").unlink()
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "pytorch_model.bin").write_bytes(b""), r"pytorch_model\.bin is empty \(0 bytes\)"),
+    (lambda f: (f / "pytorch_model.bin").write_bytes(np.random.RandomState(0).bytes(5000)),
+     r"pytorch_model\.bin cannot be read as a torch-saved weight file"),
+    (lambda f: _truncate(f / "pytorch_model.bin"), r"pytorch_model\.bin cannot be read as a torch-saved weight file"),
+    (lambda f: torch.save([1, 2], f / "pytorch_model.bin"), r"pytorch_model\.bin holds a list, not a dict of named tensors"),
+    (lambda f: _truncate(_to_safetensors(f)), r"model\.safetensors cannot be read as a safetensors weight file"),
+    (lambda f: _to_safetensors(f).write_bytes(np.random.RandomState(1).bytes(3000)),
+     r"model\.safetensors cannot be read as a safetensors weight file"),
+    (lambda f: (f / "pytorch_model.bin.index.json").write_text("{not json"), r"pytorch_model\.bin\.index\.json is not valid JSON"),
+    (lambda f: (f / "pytorch_model.bin.index.json").write_text('{"metadata": {}}'),
+     r"pytorch_model\.bin\.index\.json must hold a non-empty \"weight_map\""),
+    (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}'), r"must hold a non-empty \"weight_map\""),
+    (lambda f: (f / "preprocessor_config.json").write_text("{oops"), r"preprocessor_config\.json is not valid JSON"),
+    (lambda f: (f / "preprocessor_config.json").write_text('{"patch_size": 0}'),
+     r"preprocessor_config\.json: patch_size must be a positive int, got 0"),
+    (lambda f: (f / "preprocessor_config.json").write_text('{"image_std": [0.2, 0, 0.2]}'), "image_std must be positive"),
+    (lambda f: (f / "preprocessor_config.json").write_text('{"min_pixels": 100, "max_pixels": 50}'),
+     "min_pixels 100 is above max_pixels 50"),
+    (lambda f: (f / "preprocessor_config.json").write_text("[1]"), r"preprocessor_config\.json must hold a JSON object"),
+    (lambda f: edit_config(f, hidden_size="wide"), r"config\.json is not a valid Qwen2-VL config"),
+], ids=["empty-bin", "random-bin", "truncated-bin", "bin-of-a-list", "truncated-safetensors", "random-safetensors",
+        "index-not-json", "index-without-weight-map", "weight-map-not-an-object", "processor-not-json",
+        "processor-zero-patch", "processor-zero-std", "processor-pixels", "processor-not-an-object", "config-bad-value"])
+def test_unreadable_files_name_themselves(clip_copy, damage, message):
+    damage(clip_copy)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_vpt_checkpoint(clip_copy)
+    assert str(clip_copy) in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(clip_copy, value):
+    def poison(sd):
+        sd["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+        sd["clip_projector.linear_condition.weight"][:] = value
+
+    edit_weights(clip_copy, poison)
+    with pytest.raises(CheckpointError, match=r"2 weight tensor\(s\) hold NaN or inf values: "
+                                              r"\['model\.language_model\.layers\.1\.mlp\.up_proj\.weight', "
+                                              r"'clip_projector\.linear_condition\.weight'\]"):
+        load_vpt_checkpoint(clip_copy)
+
+
+def test_a_float16_overflow_is_refused(clip_copy):
+    edit_weights(clip_copy, lambda sd: sd["model.norm.weight"].fill_(1e6))
+    load_vpt_checkpoint(clip_copy)  # finite in float32
+    with pytest.raises(CheckpointError, match=r"\['model\.language_model\.norm\.weight'\]"):
+        load_vpt_checkpoint(clip_copy, dtype="float16")
+
+
+def test_dtype_and_device_options(tiny_ckpt, tiny_bundle):
+    folder = tiny_ckpt("region")
+    bf16 = load_vpt_checkpoint(folder, dtype="bfloat16")
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    assert load_vpt_checkpoint(folder, dtype="torch.float16").model.lm_head.weight.dtype == torch.float16
+    want = tiny_bundle("region").model.lm_head.weight.to(torch.bfloat16)
+    assert torch.equal(bf16.model.lm_head.weight, want)
+    for dtype, message in ((torch.float64, "dtype torch.float64 is not supported"), ("int8", "dtype 'int8' is not supported"),
+                           (torch.int32, "not supported")):
+        with pytest.raises(ValueError, match=message):
+            load_vpt_checkpoint(folder, dtype=dtype)
+    with pytest.raises(ValueError, match="device 'meta' is not supported: vpt_fast runs on 'cpu' and 'cuda'"):
+        load_vpt_checkpoint(folder, device="meta")
+    with pytest.raises(ValueError, match="device 'gpu0' is not a torch device"):
+        load_vpt_checkpoint(folder, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' is not available here"):
+            load_vpt_checkpoint(folder, device="cuda")
+
+
+def test_engine_refuses_what_it_cannot_run(tiny_bundle):
+    import vpt_fast
+    from vpt_fast.engine import Engine
+
+    b = tiny_bundle("region")
+    with pytest.raises(ValueError, match="max_seq_len 10000000 is above the model's max_position_embeddings 32768"):
+        Engine(b, max_seq_len=10**7)
+    with pytest.raises(ValueError, match="max_seq_len 40000 is above"):
+        vpt_fast.accelerate(b.model, b.tokenizer, max_seq_len=40000)
+    meta = Qwen2VLForConditionalGeneration._from_config(b.model.config)
+    meta.to("meta")
+    with pytest.raises(ValueError, match="the model cannot run here: device 'meta' is not supported"):
+        vpt_fast.accelerate(meta, b.tokenizer)
+    wide = Qwen2VLForConditionalGeneration._from_config(b.model.config).to(torch.float64)
+    with pytest.raises(ValueError, match="the model cannot run here: dtype torch.float64 is not supported"):
+        vpt_fast.accelerate(wide, b.tokenizer)
+
+
+def test_loading_prints_no_transformers_warnings(tiny_ckpt, capfd):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        for folder in (tiny_ckpt("clip"), ORIGINAL / "region"):
+            load_vpt_checkpoint(folder)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert "[transformers]" not in capfd.readouterr().err

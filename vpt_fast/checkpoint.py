@@ -48,6 +48,42 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded as it is."""
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A supported torch dtype from a dtype or its name ("bfloat16", "bf16", "torch.float16", ...)."""
+    if isinstance(dtype, str):
+        found = _DTYPE_NAMES.get(dtype.lower().removeprefix("torch."))
+        if found is None:
+            raise ValueError(f"dtype {dtype!r} is not supported: use 'float32', 'bfloat16' or 'float16'")
+        return found
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has, of a supported type (cpu, cuda)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    if d.type == "cpu":
+        return d
+    if d.type != "cuda":
+        raise ValueError(f"device {str(d)!r} is not supported: vpt_fast runs on 'cpu' and 'cuda' devices")
+    if not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise ValueError(f"device {str(d)!r} is not available here: {why}")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(d)!r} is not available here: {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 @dataclass(frozen=True)
 class VPTConfig:
     """The VPT fields of a checkpoint's config.json (VPT_SPEC 3)."""
@@ -166,12 +202,25 @@ def _sam_config(d: dict[str, Any] | None):
 # ----------------------------------------------------------------------------- weights
 
 
+def _read_json(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{f} cannot be read: {e}") from e
+
+
 def _find_weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).exists()]
+            weight_map = _read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} must hold a non-empty \"weight_map\" object mapping tensor names to shard files")
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shards that are not in {folder}: {missing}")
             return [folder / s for s in shards]
@@ -183,16 +232,32 @@ def _find_weight_files(folder: Path) -> list[Path]:
     )
 
 
+def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file; CheckpointError naming the file when it cannot be read."""
+    if f.stat().st_size == 0:
+        raise CheckpointError(f"{f} is empty (0 bytes)")
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(f), device="cpu")
+        else:
+            tensors = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated, corrupt or foreign data: whatever the reader raises
+        kind = "safetensors" if f.suffix == ".safetensors" else "torch-saved"
+        raise CheckpointError(f"{f} cannot be read as a {kind} weight file ({type(e).__name__}: {e})") from e
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise CheckpointError(f"{f} holds a {type(tensors).__name__}, not a dict of named tensors")
+    return tensors
+
+
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, by their stored names."""
     out: dict[str, torch.Tensor] = {}
     for f in _find_weight_files(Path(folder)):
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            out.update(load_file(str(f), device="cpu"))
-        else:
-            out.update(torch.load(str(f), map_location="cpu", weights_only=True, mmap=True))
+        out.update(_read_weight_file(f))
     return out
 
 
@@ -257,19 +322,28 @@ def _build(factory):
 # ----------------------------------------------------------------------------- tokenizer / processor
 
 
-def load_tokenizer(folder: str | os.PathLike):
+def load_tokenizer(folder: str | os.PathLike, config=None):
+    """The checkpoint's tokenizer. config: its transformers config, when already built (so
+    transformers does not read a VPT config.json as one of its own and warn about it)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, config=config)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load a tokenizer from {folder}: {e}") from e
 
 
 def load_processor(folder: str | os.PathLike) -> VPTImageProcessor:
     f = Path(folder) / "preprocessor_config.json"
-    cfg = QwenImageConfig.from_dict(json.loads(f.read_text())) if f.exists() else QwenImageConfig()
-    return VPTImageProcessor(qwen=cfg)
+    if not f.exists():
+        return VPTImageProcessor(qwen=QwenImageConfig())
+    d = _read_json(f)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f} must hold a JSON object, got {type(d).__name__}")
+    try:
+        return VPTImageProcessor(qwen=QwenImageConfig.from_dict(d))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: {e}") from e
 
 
 def _check_token_ids(vcfg: VPTConfig, vocab: spec.Vocab, qcfg) -> None:
@@ -296,17 +370,22 @@ def _check_token_ids(vcfg: VPTConfig, vocab: spec.Vocab, qcfg) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VPTBundle:
+def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu") -> VPTBundle:
     """Load a VPT (or plain Qwen2-VL) checkpoint folder into a `VPTBundle`.
 
     Reads config.json (4.45 flat or 5.x nested layout), the weights (.bin, sharded
-    .bin, safetensors), the tokenizer and preprocessor_config.json. Raises
-    `CheckpointError` naming what is wrong: a missing folder or file, another model
-    type, missing or unexpected weights (listed), a VPT branch without its weights.
+    .bin, safetensors), the tokenizer and preprocessor_config.json. dtype: float32,
+    bfloat16 or float16 (a torch dtype or its name); device: "cpu" or a CUDA device
+    present here (ValueError otherwise, before anything is read). Raises
+    `CheckpointError` naming the file and what is wrong: a missing folder or file,
+    unreadable JSON or weights, another model type, missing or unexpected weights
+    (listed), a VPT branch without its weights, weights holding NaN or inf.
     """
     from transformers import Dinov2Model, Qwen2VLForConditionalGeneration
     from transformers.models.sam.modeling_sam import SamVisionEncoder
 
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = Path(path)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -315,10 +394,7 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    cfg = _read_json(cfg_file)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
@@ -328,11 +404,14 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.floa
             f"(expected {VPT_MODEL_TYPE!r} or {QWEN2VL_MODEL_TYPE!r})"
         )
     vcfg = VPTConfig.from_dict(cfg)
-    qcfg = _qwen2vl_config(cfg)
+    try:
+        qcfg = _qwen2vl_config(cfg)
+    except Exception as e:  # transformers' validators raise their own error types too
+        raise CheckpointError(f"{cfg_file} is not a valid Qwen2-VL config: {e}") from e
     qcfg._attn_implementation = "sdpa"
     hidden = qcfg.text_config.hidden_size
 
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, qcfg)
     vocab = spec.Vocab.from_tokenizer(tokenizer)
     _check_token_ids(vcfg, vocab, qcfg)
 
@@ -387,5 +466,20 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     for m in (bundle.model, bundle.clip_projector, bundle.detection_model, bundle.detection_projector, bundle.seg_model, bundle.seg_projector):
         if m is not None:
             m.to(device=device, dtype=dtype).eval()
+    _check_finite(bundle, folder)
     return bundle
+
+
+def _check_finite(bundle: VPTBundle, folder: Path) -> None:
+    """Refuse weights holding NaN or inf (after the dtype cast, which can overflow too)."""
+    named = []
+    for prefix in ("", "clip_projector.", "detection_model.", "detection_projector.", "seg_model.", "seg_projector."):
+        module = getattr(bundle, prefix[:-1]) if prefix else bundle.model
+        if module is not None:
+            named += [(prefix + n, p) for n, p in module.named_parameters() if p.is_floating_point()]
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    bad = [n for (n, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise CheckpointError(f"{folder}: {len(bad)} weight tensor(s) hold NaN or inf values: "
+                              f"{bad[:10]}{' ...' if len(bad) > 10 else ''}")
 
