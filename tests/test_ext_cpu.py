@@ -2,7 +2,7 @@
 against the plain torch definitions: kv_splice bit for bit in float32, crop_patch_rows within
 1e-5 of a gather + einsum reference and of transformers' own Qwen2-VL image processor.
 
-The first run builds the extension (about a minute) into ~/.cache/vpt_fast (or
+The first run builds the extension (about a minute) into the cache folder's ext/ (or
 $VPT_FAST_BUILD_DIR); later runs reuse it.
 """
 

@@ -6,10 +6,13 @@ order of preference:
 
 1. `vpt_fast._C`, built by setup.py when torch with CUDA and a CUDA toolkit were present
    at install time (CPU and CUDA kernels);
-2. a build on first use with `torch.utils.cpp_extension.load` (needs ninja and a C++
-   compiler; adds the CUDA kernels when a GPU, CUDA torch and a CUDA toolkit are present)
-   into `$VPT_FAST_BUILD_DIR` or `~/.cache/vpt_fast/`, one folder per torch/Python/CUDA
-   combination, reused by later processes.
+2. a build on first use with `torch.utils.cpp_extension` (needs ninja and a C++ compiler;
+   adds the CUDA kernels when a GPU, CUDA torch and a CUDA toolkit are present), kept in
+   `$VPT_FAST_BUILD_DIR` or the cache folder's `ext/` (see `vpt_fast._cache`), one folder
+   per build whose name carries a hash of the sources, the flags, torch and the
+   interpreter, so checkouts and virtual environments never rebuild each other's. A build
+   runs in a private folder renamed into place when done: a process killed mid-build
+   leaves nothing that makes later ones wait. The first build says so on stderr.
 
 The outcome is kept for the process; why it failed is logged once (logger "vpt_fast.ops").
 `VPT_FAST_NO_EXT=1` turns the extension off. `available(device_type)` says whether the
@@ -18,6 +21,7 @@ extension has kernels for "cpu" or "cuda" tensors, or why not.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ._cache import build_once, cache_dir
 
 NAMESPACE = "vpt_fast_ext"
 OPS = ("kv_splice", "crop_patch_rows")
@@ -56,9 +62,16 @@ def source_dir() -> Path | None:
 
 
 def build_dir(with_cuda: bool) -> Path:
-    root = Path(os.environ.get("VPT_FAST_BUILD_DIR") or Path.home() / ".cache" / "vpt_fast")
+    """The finished build's folder for this source tree, flags, torch and interpreter."""
+    root = Path(os.environ.get("VPT_FAST_BUILD_DIR") or cache_dir() / "ext")
     variant = f"cuda{torch.version.cuda}" if with_cuda else "cpu"
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{variant}"
+    digest = hashlib.sha256()
+    csrc = source_dir()
+    for name in SOURCES:
+        digest.update(name.encode() + b"\0" + ((csrc / name).read_bytes() if csrc else b"") + b"\0")
+    for part in (CXX_FLAGS, CUDA_FLAGS, variant, torch.__version__, sys.executable, sys.version):
+        digest.update(repr(part).encode() + b"\0")
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{variant}-{digest.hexdigest()[:12]}"
     return root / re.sub(r"[^A-Za-z0-9._-]", "_", tag)
 
 
@@ -91,11 +104,11 @@ def _import_prebuilt() -> bool:
 
 
 def _build(verbose: bool) -> tuple[str, str | None]:
-    """Build and import the extension from csrc/; returns a description of what was built and
-    why the CUDA kernels were left out (None when they are in)."""
+    """Load the extension built from csrc/, building it first when this tree has no build yet;
+    returns a description of what was loaded and why the CUDA kernels were left out (None when
+    they are in)."""
     from torch.utils import cpp_extension
 
-    cpp_extension.verify_ninja_availability()
     csrc = source_dir()
     if csrc is None:
         raise RuntimeError(f"the C++/CUDA sources ({', '.join(SOURCES)}) are not installed with vpt_fast")
@@ -103,12 +116,20 @@ def _build(verbose: bool) -> tuple[str, str | None]:
     with_cuda = no_cuda is None
     sources = [str(csrc / "vpt_ops.cpp")] + ([str(csrc / "vpt_ops_cuda.cu")] if with_cuda else [])
     directory = build_dir(with_cuda)
-    directory.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    cpp_extension.load(name=NAMESPACE, sources=sources, extra_cflags=CXX_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
-                       with_cuda=with_cuda, build_directory=str(directory), verbose=verbose)
     kernels = "CPU and CUDA kernels" if with_cuda else f"CPU kernels only: {no_cuda}"
-    return f"built in {directory} ({kernels}; {time.perf_counter() - start:.1f} s)", no_cuda
+    start = time.perf_counter()
+
+    def compile_into(folder: Path) -> None:
+        cpp_extension.verify_ninja_availability()
+        print(f"vpt_fast: compiling its C++{'/CUDA' if with_cuda else ''} kernels once, about a minute "
+              f"(kept in {directory})", file=sys.stderr, flush=True)
+        cpp_extension.load(name=NAMESPACE, sources=sources, extra_cflags=CXX_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
+                           with_cuda=with_cuda, build_directory=str(folder), verbose=verbose)
+
+    if build_once(directory, compile_into):
+        return f"built in {directory} ({kernels}; {time.perf_counter() - start:.1f} s)", no_cuda
+    torch.ops.load_library(str(directory / f"{NAMESPACE}.so"))
+    return f"loaded from {directory} ({kernels})", no_cuda
 
 
 def _short(err: BaseException) -> str:
