@@ -1,27 +1,33 @@
-"""`vpt-fast run | make-tiny`: answer questions about images with a VPT model."""
+"""`vpt-fast run | make-tiny`: answer questions about images with a VPT model.
+
+Exit status: 0 when every request was answered, 1 when a request failed (finish reason
+`error` or `no_room`) or the model could not be loaded, 2 for a usage error. Errors are
+one line on stderr; `--debug` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
+import traceback
 from pathlib import Path
 
 from . import spec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_FORCE = "<|region_token_start|><|x_2|><|y_3|><|x_5|><|y_5|><|region_token_end|><|im_end|>"
+FAILED = ("error", "no_room")  # finish reasons of requests that got no answer
 
 
-def _images(path: str) -> list[Path]:
+def _images(parser: argparse.ArgumentParser, path: str) -> list[Path]:
     p = Path(path)
     if p.is_dir():
-        found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not found:
-            raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {p}")
+            parser.error(f"--image: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {p}")
         return found
     if not p.exists():
-        raise SystemExit(f"error: image {p} does not exist")
+        parser.error(f"--image: {p} does not exist")
     return [p]
 
 
@@ -38,81 +44,124 @@ def _force_ids(tokenizer, text: str | None) -> list[int] | None:
         return None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise SystemExit(f"error: --force {text!r} encodes to no tokens")
+        raise ValueError(f"--force {text!r} encodes to no tokens")
     return ids
 
 
-def _draw_trace(image_path: Path, boxes, out: Path) -> None:
-    from PIL import ImageDraw
+def _trace_paths(parser: argparse.ArgumentParser, option: str | None, images: list[Path]) -> list[Path | None]:
+    """Where each image's trace picture goes: always PNG, one distinct file per image."""
+    if option is None:
+        return [None] * len(images)
+    out = Path(option)
+    if out.suffix == "":
+        out = out.with_suffix(".png")
+    if out.suffix.lower() != ".png":
+        parser.error(f"--trace-image must name a .png file (trace pictures are PNG), got {option}")
+    if out.is_dir():
+        parser.error(f"--trace-image {option} is a folder; give a file name such as {out / 'trace.png'}")
+    if len(images) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{image.name.replace('.', '_')}.png") for image in images]
 
-    from .preprocess import load_image, to_rgb
 
-    picture = to_rgb(load_image(image_path)).copy()
-    draw = ImageDraw.Draw(picture)
-    width = max(2, min(picture.size) // 150)
-    for box in boxes:
-        draw.rectangle(box, outline=(255, 40, 40), width=width)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out)
+def _looked_at(result, pipeline: str) -> tuple[list, list[str]]:
+    """(traces, lines) of what a result's model looked at, from either pipeline."""
+    from .engine import PerceptionTrace
+    from .picture import describe
+
+    if pipeline == "engine":
+        traces = list(result.trace)
+        lines = []
+        for t in traces:
+            lines.append(f"looked at {describe(t)}")
+            lines.append(f"  {t.tokens_spliced} tokens spliced into the cache, {t.tokens_rolled_back} rolled back, "
+                         f"{t.seconds * 1e3:.1f} ms")
+    else:
+        traces = []
+        if result.round2_prompt_ids is not None:
+            p = result.perception
+            cells = [b.cells for b in p.blocks] if p.kind == "region" else []
+            traces = [PerceptionTrace(p.kind, cells, list(result.boxes), 0, 0, 0.0)]
+        lines = [f"looked at {describe(t)} (round 2 re-read {len(result.round2_prompt_ids)} tokens)" for t in traces]
+    if not traces:
+        kind = result.perception.kind if result.perception is not None else "none"
+        why = {"none": "the model answered directly", "several": "round 1 asked for several kinds; its text is the answer",
+               "malformed": "round 1 named a region block with no x or no y cell"}.get(kind, "")
+        lines.append("looked at nothing more" + (f" ({why})" if why else ""))
+    return traces, lines
 
 
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from .checkpoint import load_vpt_checkpoint
-    from .engine import Engine
-    from .reference import two_round_generate
-    from .tiny import make_tiny_checkpoint
+    from .checkpoint import load_vpt_checkpoint, resolve_device
+    from .picture import readable, trace_picture
 
-    images = _images(args.image)
+    parser = args.parser
+    images = _images(parser, args.image)
+    traces_out = _trace_paths(parser, args.trace_image, images)
+    if not args.question.strip():
+        parser.error("--question is empty")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     force = args.force
     if args.model is None:
-        folder = Path(tempfile.mkdtemp(prefix="vpt_fast_tiny_")) / "region"
-        make_tiny_checkpoint(folder, "region")
-        print("No --model given: using a tiny RANDOM checkpoint built here. Its answers are noise;")
+        from .tiny import demo_checkpoint
+
+        model_path = demo_checkpoint("region")
+        print("No --model given: using a tiny RANDOM checkpoint (kept in {}). Its answers are noise;".format(model_path))
         print("a region selection is scripted so the whole perception path runs.\n")
         force = force or DEMO_FORCE
-        model_path = folder
     else:
         model_path = Path(args.model)
-    bundle = load_vpt_checkpoint(model_path, device=args.device)
+        if not model_path.is_dir():
+            parser.error(f"--model: {model_path} is not a checkpoint folder")
+    bundle = load_vpt_checkpoint(model_path, dtype=args.dtype, device=device)
     forced = _force_ids(bundle.tokenizer, force)
     prompt = _prompt(args.question, args.mode)
     if args.pipeline == "engine":
-        engine = Engine(bundle, max_seq_len=args.max_seq_len)
+        from .engine import Engine
+
+        try:
+            engine = Engine(bundle, max_seq_len=args.max_seq_len)
+        except ValueError as e:
+            parser.error(f"--max-seq-len: {e}")
         run = lambda chunk, n: engine.generate(chunk, [prompt] * n, args.max_new_tokens, [forced] * n)
     else:
+        from .reference import two_round_generate
+
         run = lambda chunk, n: two_round_generate(bundle, chunk, [prompt] * n, args.max_new_tokens, [forced] * n)
     results = []
     batches = range(0, len(images), args.batch_size)
-    for start in tqdm(batches, desc="batches", disable=not Path(args.image).is_dir()):
+    for start in tqdm(batches, desc="batches", disable=len(images) == 1):
         chunk = images[start : start + args.batch_size]
         results += run(chunk, len(chunk))
-    for path, r in zip(images, results):
-        boxes = _boxes(r)
+    failed = 0
+    for path, r, out in zip(images, results, traces_out):
         print(f"== {path}")
-        if getattr(r, "error", None):
-            print(f"error: {r.error}")
-        print(f"round 1: {bundle.tokenizer.decode(r.round1_ids, skip_special_tokens=False)!r}")
-        kind = r.perception.kind if r.perception is not None else "nothing"
-        print(f"looked at: {kind}" + (" boxes " + ", ".join(str(tuple(b)) for b in boxes) if boxes else ""))
-        for t in getattr(r, "trace", []):
-            print(f"  {t.kind}: {t.tokens_spliced} tokens spliced, {t.tokens_rolled_back} rolled back, {t.seconds * 1e3:.1f} ms")
-        print(f"answer ({r.finish_reason}): {r.text}")
-        if args.trace_image and boxes:
-            out = Path(args.trace_image)
-            if len(images) > 1:
-                out = out.with_name(f"{out.stem}_{path.stem}{out.suffix or '.png'}")
-            _draw_trace(path, boxes, out)
-            print(f"trace image: {out}")
+        error = getattr(r, "error", None)
+        if r.finish_reason in FAILED:
+            failed += 1
+            print(f"failed ({r.finish_reason}): {readable(error or '')}")
+        print(f"round 1: {readable(bundle.tokenizer.decode(r.round1_ids, skip_special_tokens=False))}")
+        traces, lines = _looked_at(r, args.pipeline)
+        for line in lines:
+            print(line)
+        if error and r.finish_reason not in FAILED:
+            print(f"note: {readable(error)}")
+        print(f"answer ({r.finish_reason}): {readable(r.text)}")
+        if out is not None and r.finish_reason != "error":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            trace_picture(path, traces, args.question, r.text, r.finish_reason).save(out, format="PNG")
+            print(f"trace picture: {out}")
+    if failed:
+        print(f"vpt-fast: {failed} of {len(results)} request(s) failed", file=sys.stderr)
+        return 1
     return 0
-
-
-def _boxes(result) -> list:
-    """Region boxes of a result from either pipeline."""
-    if hasattr(result, "trace"):
-        return [box for t in result.trace if t.kind == "region" for box in t.boxes]
-    return list(result.boxes)
 
 
 def cmd_make_tiny(args) -> int:
@@ -123,34 +172,79 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vpt-fast", description=__doc__)
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpt-fast", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a question about an image (or a folder of images)")
     run.add_argument("--image", required=True, help="an image file, or a folder of images run as a batch")
     run.add_argument("--question", required=True)
-    run.add_argument("--model", help="a VPT checkpoint folder (default: a tiny random one built here)")
+    run.add_argument("--model", help="a VPT checkpoint folder (default: a tiny random one, built once and kept)")
     run.add_argument("--mode", choices=["region", "reencode", "free"], default="free",
                      help="add the trigger sentence of the prompted models")
     run.add_argument("--force", help="round-1 tokens to script, as text (e.g. '<|clip_action_start|>...')")
-    run.add_argument("--trace-image", help="save the picture with the selected region(s) drawn")
-    run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--device", default="cpu")
-    run.add_argument("--max-seq-len", type=int, default=4096, help="KV cache positions per request")
+    run.add_argument("--trace-image", metavar="OUT.png",
+                     help="save a picture of what the model looked at (for a folder: OUT_<image name>.png each)")
+    run.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    run.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="default: bfloat16 on a GPU, float32 on the CPU")
+    run.add_argument("--max-seq-len", type=_int_at_least(2), default=4096, help="KV cache positions per request")
     run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
                      help="single-pass engine, or the two-round reference flow (slow, for comparison)")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, parser=run)
     tiny = sub.add_parser("make-tiny", help="write a tiny random VPT checkpoint in the released format")
     tiny.add_argument("out")
     tiny.add_argument("--variant", choices=["region", "clip", "dino", "sam"], default="region")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=cmd_make_tiny)
+    tiny.set_defaults(func=cmd_make_tiny, parser=tiny)
+    for p in (run, tiny):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "device", "") is None:
+        args.device = _default_device()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # config-conversion notices are not for the person at the terminal
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("vpt-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"vpt-fast: error: {e}" if str(e) else f"vpt-fast: error: {type(e).__name__}", file=sys.stderr)
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

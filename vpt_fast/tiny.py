@@ -172,3 +172,19 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
     (folder / "preprocessor_config.json").write_text(json.dumps(QwenImageConfig(max_pixels=MAX_PIXELS).to_dict(), indent=2))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def demo_checkpoint(variant: str = "region") -> Path:
+    """A tiny random checkpoint in the user's cache folder (see `vpt_fast._cache`), built on
+    first use and reused after; its folder name carries a hash of this module, so a changed
+    builder makes a new one."""
+    import hashlib
+
+    from ._cache import build_once, cache_dir
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    folder = cache_dir() / "demo" / f"tiny-{variant}-{digest}"
+    build_once(folder, lambda private: make_tiny_checkpoint(private, variant))
+    return folder
