@@ -177,17 +177,19 @@ def run_scenario(bundle, engine, device_engine, kinds, device, reps):
 def decode_ms_per_token(engine: Engine, bundle, device, steps: int = 128) -> float:
     """Steady decode at B=1 through the engine's decode step (captured on CUDA), host overhead included."""
     tok = bundle.tokenizer
-    engine.generate([image(0)], [QUESTION], 4)  # warm: cache, graphs
-    decoder = engine._decoder
+    engine.generate([image(0)], [QUESTION], 4)  # warm: graphs
+    cache = engine.cache
     start = len(tok(QUESTION)["input_ids"]) + 300
-    engine._cache.lengths.zero_()
-    engine._cache.lengths[0] = start
+    blocks = cache.allocate(cache.blocks_for(start + steps))
     sync(device)
     t = time.perf_counter()
     for i in range(steps):
-        decoder([100 + i % 50], [None], [start + i], [0])
+        n = start + i + 1
+        engine._decoder([100 + i % 50], [None], [n - 1], cache.slots(blocks, n - 1, n), [n], [blocks])
     sync(device)
-    return (time.perf_counter() - t) / steps * 1e3
+    elapsed = time.perf_counter() - t
+    cache.release(blocks)
+    return elapsed / steps * 1e3
 
 
 DECODE_COLUMNS = [("shape", "shape"), ("decode_ms_per_token", "ms/token"), ("floor_ms", "floor ms"),
@@ -219,15 +221,21 @@ def splice_parts(engine: Engine, bundle, device, spliced: int, reps: int) -> flo
         with torch.no_grad():
             model.model.visual(pixels.to(device, engine.runner.dtype), grid_thw=grid.to(device))
 
-    cache = engine._slot_cache(1)
-    embeds = torch.randn(1, spliced, engine.runner.hidden_size, device=device, dtype=engine.runner.dtype)
-    positions = torch.arange(400, 400 + spliced, device=device)[None, None].expand(3, 1, -1)
+    cache = engine.cache
+    start = 400
+    blocks = cache.allocate(cache.blocks_for(start + spliced))
+    embeds = torch.randn(spliced, engine.runner.hidden_size, device=device, dtype=engine.runner.dtype)
+    positions = torch.arange(start, start + spliced, device=device)[None].expand(3, -1)
+    to = dict(device=device, dtype=torch.long)
+    slots = torch.tensor(cache.slots(blocks, start, start + spliced), **to)
+    tables, lens, cu = torch.tensor([blocks], **to), torch.tensor([start + spliced], **to), torch.tensor([0, spliced], **to)
 
     def prefill():
-        cache.lengths[0] = 400
-        engine.runner.forward(embeds, positions, cache, torch.tensor([0], device=device), torch.tensor([spliced], device=device))
+        engine.runner.prefill(embeds, positions, cache, slots, tables, lens, cu, spliced)
 
-    return statistics.median(timed(vision, device, reps)) + statistics.median(timed(prefill, device, reps))
+    seconds = statistics.median(timed(vision, device, reps)) + statistics.median(timed(prefill, device, reps))
+    cache.release(blocks)
+    return seconds
 
 
 def plot(rows, decode_rows, path: Path, card_name: str) -> None:
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
     if args.decode_only:
         for shape in shapes:
             bundle = build_bundle(shape, "clip", dtype, device)
-            decode_rows.append(decode_row(shape, bundle, Engine(bundle, max_seq_len=1024), device, bw))
+            decode_rows.append(decode_row(shape, bundle, Engine(bundle, max_seq_len=1024, kv_cache_tokens=2048), device, bw))
             print(f"  {shape}: decode {decode_rows[-1]['decode_ms_per_token']:.3f} ms/token, "
                   f"floor {decode_rows[-1]['floor_ms']:.3f} ms")
             del bundle
@@ -292,8 +300,10 @@ def main(argv=None) -> int:
             if kind not in bundles:
                 bundles[kind] = build_bundle(shape, kind, dtype, device)
             bundle = bundles[kind]
-            engine = Engine(bundle, max_seq_len=1024, max_batch_size=32)
-            device_engine = Engine(bundle, max_seq_len=1024, max_batch_size=32, image_pipeline="device")
+            # the KV cache sized for the scenario: 1024 tokens a request, as the two-round flow never needs more here
+            options = dict(max_seq_len=1024, max_batch_size=32, kv_cache_tokens=1024 * len(kinds))
+            engine = Engine(bundle, **options)
+            device_engine = Engine(bundle, image_pipeline="device", **options)
             r = run_scenario(bundle, engine, device_engine, kinds, device, reps)
             row = dict(shape=shape, scenario=name, batch=len(kinds))
             for pipe in ("engine", "engine_device", "reference"):

@@ -5,7 +5,7 @@
   copy, Conv3d patch embedding;
 - kv_splice against torch indexing (the reference), per backend, with achieved GB/s
   and the share of the measured copy bandwidth;
-- decode_attention per backend.
+- decode_attention and prefill_attention (paged, scattered blocks) per backend against their torch definitions.
 
     python benchmarks/kernels.py [--quick]
 """
@@ -96,15 +96,18 @@ def bench_decode_attention(device, reps, rows, quick):
     for B, length in ([(1, 512), (32, 1024)] if quick else [(1, 512), (1, 2048), (8, 1024), (32, 1024)]):
         if device.type != "cuda" and B > 1:
             continue
+        block_size = 16
+        per_seq = -(-length // block_size)
         q = torch.randn(B, heads, dim, device=device, dtype=dtype)
-        kc = torch.randn(B + 1, 2048, kv_heads, dim, device=device, dtype=dtype)
+        kc = torch.randn(B * per_seq + 1, block_size, kv_heads, dim, device=device, dtype=dtype)
         vc = torch.randn_like(kc)
-        slots = torch.arange(B, device=device)
+        # each sequence's blocks scattered over the cache, as a paged cache hands them out
+        tables = (torch.randperm(B * per_seq, device=device) + 1).view(B, per_seq)
         lens = torch.full((B,), length, device=device)
-        base = statistics.median(timed(lambda: ops.decode_attention_reference(q, kc, vc, slots, lens, dim**-0.5), device, reps))
+        base = statistics.median(timed(lambda: ops.decode_attention_reference(q, kc, vc, tables, lens, dim**-0.5), device, reps))
         for backend in (["cuda", "triton"] if device.type == "cuda" else []):
             try:
-                t = statistics.median(timed(lambda: ops.decode_attention(q, kc, vc, slots, lens, dim**-0.5, backend=backend),
+                t = statistics.median(timed(lambda: ops.decode_attention(q, kc, vc, tables, lens, dim**-0.5, backend=backend),
                                             device, reps))
             except BackendUnavailable as e:
                 rows.append(dict(op="decode_attention", case=f"B={B} len={length}", backend=backend, note=str(e)))
@@ -112,6 +115,31 @@ def bench_decode_attention(device, reps, rows, quick):
             moved = 2 * B * length * kv_heads * dim * kc.element_size()
             rows.append(dict(op="decode_attention", case=f"B={B} len={length}", backend=backend, ms=t * 1e3,
                              baseline_ms=base * 1e3, speedup=base / t, gb_s=moved / t / 1e9))
+
+
+def bench_prefill_attention(device, reps, rows, quick):
+    heads, kv_heads, dim, block_size = 12, 2, 128, 16
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = [(1, 1024, 350), (8, 512, 512)] if quick else [(1, 1024, 350), (1, 2048, 2048), (8, 512, 512), (32, 800, 120)]
+    for B, length, new in cases:
+        if device.type != "cuda" and B > 1:
+            continue
+        per_seq = -(-length // block_size)
+        q = torch.randn(B * new, heads, dim, device=device, dtype=dtype)
+        kc = torch.randn(B * per_seq + 1, block_size, kv_heads, dim, device=device, dtype=dtype)
+        vc = torch.randn_like(kc)
+        tables = (torch.randperm(B * per_seq, device=device) + 1).view(B, per_seq)
+        lens = torch.full((B,), length, device=device)
+        cu = torch.arange(B + 1, device=device) * new
+        case = f"B={B} len={length} new={new}"
+        base = statistics.median(timed(lambda: ops.prefill_attention_reference(q, kc, vc, tables, lens, cu, dim**-0.5),
+                                       device, reps))
+        for backend in (["triton"] if device.type == "cuda" else []):
+            t = statistics.median(timed(lambda: ops.prefill_attention(q, kc, vc, tables, lens, cu, dim**-0.5, max_new=new,
+                                                                      backend=backend), device, reps))
+            moved = B * (2 * length * kv_heads + 2 * new * heads) * dim * kc.element_size()
+            rows.append(dict(op="prefill_attention", case=case, backend=backend, ms=t * 1e3, baseline_ms=base * 1e3,
+                             speedup=base / t, gb_s=moved / t / 1e9))
 
 
 def main(argv=None) -> int:
@@ -127,6 +155,7 @@ def main(argv=None) -> int:
     bench_crop(device, reps, rows)
     bench_kv_splice(device, reps, rows, bw, args.quick)
     bench_decode_attention(device, reps, rows, args.quick)
+    bench_prefill_attention(device, reps, rows, args.quick)
     md = f"Copy bandwidth measured: {bw / 1e12:.3f} TB/s (read + write).\n\n" + table(rows, [
         ("op", "op"), ("case", "case"), ("backend", "backend"), ("ms", "ms"), ("baseline_ms", "baseline ms"),
         ("speedup", "x baseline"), ("gb_s", "GB/s"), ("share_of_copy", "share of copy bw"), ("note", "note")])

@@ -1,4 +1,4 @@
-"""Graph-ready decoding: decode attention backends, the fixed-shape decode step, captured vs eager."""
+"""Graph-ready decoding: the fused norm kernels, the fixed-shape decode step, captured vs eager."""
 
 import os
 
@@ -12,48 +12,11 @@ import pytest
 from PIL import Image
 
 from vpt_fast.engine import Engine
-from vpt_fast.engine.cache import KVCache
+from vpt_fast.engine.cache import PagedKVCache
 from vpt_fast.engine.decode import DecodeStep
 from vpt_fast.engine.runner import Runner
-from vpt_fast.ops.decode_attention import decode_attention
 
 triton = pytest.importorskip("triton")
-
-
-def manual_attention(q, k_cache, v_cache, slots, lens, scale):
-    B, heads, D = q.shape
-    groups = heads // k_cache.shape[2]
-    out = torch.empty_like(q)
-    for b in range(B):
-        K, V = k_cache[slots[b], : lens[b]], v_cache[slots[b], : lens[b]]
-        for h in range(heads):
-            p = ((K[:, h // groups].float() @ q[b, h].float()) * scale).softmax(0)
-            out[b, h] = (p @ V[:, h // groups].float()).to(q.dtype)
-    return out
-
-
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (2, 2, 8), (6, 1, 32)])
-def test_decode_attention_backends(heads, kv_heads, dim):
-    g = torch.Generator().manual_seed(heads * dim)
-    slots_n, max_len = 5, 150
-    q = torch.randn(3, heads, dim, generator=g)
-    k = torch.randn(slots_n, max_len, kv_heads, dim, generator=g)
-    v = torch.randn(slots_n, max_len, kv_heads, dim, generator=g)
-    slots = torch.tensor([4, 0, 2])
-    lens = torch.tensor([1, 64, 150])
-    k[0, 64:] = float("nan")  # stale entries past a length must never be read
-    v[0, 64:] = float("nan")
-    want = manual_attention(q, k, v, slots, lens, dim**-0.5)
-    cos, sin = torch.randn(3, dim, generator=g), torch.randn(3, dim, generator=g)
-    half = dim // 2
-    rotated = q * cos[:, None] + torch.cat((-q[..., half:], q[..., :half]), -1) * sin[:, None]
-    want_rotated = manual_attention(rotated, k, v, slots, lens, dim**-0.5)
-    for backend in ("torch", "triton"):
-        got = decode_attention(q, k, v, slots, lens, dim**-0.5, backend=backend)
-        assert torch.isfinite(got).all()
-        assert (got - want).abs().max() <= 1e-5, backend
-        got = decode_attention(q, k, v, slots, lens, dim**-0.5, cos, sin, backend=backend)
-        assert (got - want_rotated).abs().max() <= 1e-5, backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,46 +41,44 @@ def test_fused_norm_and_gate_kernels(dtype):
     assert close(silu_mul(gate, up, backend="triton"), silu_mul_reference(gate, up))
 
 
-def test_decode_attention_errors():
-    q = torch.randn(2, 4, 8)
-    k = torch.randn(3, 10, 2, 8)
-    with pytest.raises(ValueError, match="query heads"):
-        decode_attention(torch.randn(2, 3, 8), k, k, torch.tensor([0, 1]), torch.tensor([1, 1]), 1.0)
-    with pytest.raises(ValueError, match="slots and seq_lens must be"):
-        decode_attention(q, k, k, torch.tensor([0]), torch.tensor([1, 1]), 1.0)
-    with pytest.raises(ValueError, match="q is torch.float32, the cache torch.bfloat16"):
-        decode_attention(q, k.bfloat16(), k.bfloat16(), torch.tensor([0, 1]), torch.tensor([1, 1]), 1.0)
-
-
-def test_decode_step_equals_general_forward(tiny_bundle):
-    """The fixed-shape decode path (graph-ready, run uncaptured here) equals the general ragged forward."""
+def test_decode_step_equals_prefill_of_one_token(tiny_bundle):
+    """The fixed-shape decode path (graph-ready, run uncaptured here) equals the ragged prefill
+    path fed the same tokens, action-token overrides included, on scattered blocks."""
     b = tiny_bundle("clip")
     runner = Runner(b.model)
     cfg = b.model.config.text_config
-    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
-    caches = [KVCache(shape[0], 4, 64, shape[1], shape[2], torch.float32, "cpu") for _ in range(2)]
+    caches = [PagedKVCache(cfg.num_hidden_layers, 30, 4, cfg.num_key_value_heads, runner.head_dim, torch.float32, "cpu")
+              for _ in range(2)]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(50, 300, (n,), generator=g) for n in (7, 12, 3)]
+    tables = [[5, 9, 2, 14, 20], [1, 3, 4, 6, 7, 8], [29, 11, 12]]
     for cache in caches:
-        for slot, ids in zip((2, 0, 1), prompts):
-            pos = torch.arange(len(ids))[None, None].expand(3, 1, -1)
-            runner.forward(runner.embed(ids[None]), pos, cache, torch.tensor([slot]), torch.tensor([len(ids)]))
-    step = DecodeStep(runner, caches[0], use_graphs=False)
+        for table, ids in zip(tables, prompts):
+            n = len(ids)
+            runner.prefill(runner.embed(ids), torch.arange(n).expand(3, -1), cache, torch.tensor(cache.slots(table, 0, n)),
+                           torch.tensor([table]), torch.tensor([n]), torch.tensor([0, n]), n)
+    step = DecodeStep(runner, caches[0], max_blocks=8, use_graphs=False)
     tokens = [11, 22, 33]
     control = torch.randn(cfg.hidden_size, generator=g)
+    width = max(len(t) for t in tables)
     for it in range(3):
-        positions = [len(p) + it for p in prompts]
+        lens = [len(p) + it + 1 for p in prompts]
+        positions = [n - 1 for n in lens]
+        slots = [caches[0].slots(t, n - 1, n)[0] for t, n in zip(tables, lens)]
         overrides = [None, control if it == 1 else None, None]
-        logits, hidden = step(tokens, overrides, positions, [2, 0, 1])
-        embeds = runner.embed(torch.tensor(tokens)[:, None])
+        logits, hidden = step(tokens, overrides, positions, slots, lens, tables)
+        embeds = runner.embed(torch.tensor(tokens))
         if overrides[1] is not None:
-            embeds[1, 0] = control
-        pos = torch.tensor(positions)[None, :, None].expand(3, -1, 1)
-        ref_hidden = runner.forward(embeds, pos, caches[1], torch.tensor([2, 0, 1]), torch.ones(3, dtype=torch.long))
-        assert (hidden - ref_hidden[:, 0]).abs().max() <= 1e-5
-        assert (logits - runner.logits(ref_hidden[:, 0])).abs().max() <= 1e-4
-        assert torch.equal(caches[0].lengths[:3], caches[1].lengths[:3])
+            embeds[1] = control
+        ref_hidden = runner.prefill(embeds, torch.tensor(positions).expand(3, -1), caches[1], torch.tensor(slots),
+                                    torch.tensor([t + [0] * (width - len(t)) for t in tables]), torch.tensor(lens),
+                                    torch.arange(4), 1)
+        assert (hidden - ref_hidden).abs().max() <= 1e-5
+        assert (logits - runner.logits(ref_hidden)).abs().max() <= 1e-4
+        assert (caches[0].k - caches[1].k).abs().max() <= 1e-5
         tokens = logits.argmax(-1).tolist()
+    # padding rows (a bucket of 4 for 3 rows) wrote nothing: block 0 is still zero
+    assert not caches[0].k[:, 0].any()
 
 
 def test_engine_in_chunks_equals_one_batch(tiny_bundle):

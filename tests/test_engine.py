@@ -182,7 +182,7 @@ def test_no_room_for_the_splice_and_full_cache(tiny_bundle):
     # decoding past the slot ends with "length" and the tokens so far are the unconstrained ones
     tight = Engine(b, max_seq_len=prompt_len + 3).generate([image], [prompt], 20, return_logits=True)[0]
     (free,) = Engine(b).generate([image], [prompt], 20, return_logits=True)
-    assert tight.finish_reason == "length" and "full" in tight.error
+    assert tight.finish_reason == "length" and "reached max_seq_len" in tight.error
     assert tight.token_ids == free.token_ids[: len(tight.token_ids)] and len(tight.token_ids) == 4
     too_long = Engine(b, max_seq_len=10).generate([image], [prompt], 5)[0]
     assert too_long.finish_reason == "length" and too_long.token_ids == [] and "prompt has" in too_long.error
@@ -239,9 +239,9 @@ class ScriptedEngine(Engine):
 
     script: list[int] = []
 
-    def _choose(self, active, do_sample, top_k, top_p, generator):
-        chosen = super()._choose(active, do_sample, top_k, top_p, generator)
-        return [self.script[len(s.generated)] if len(s.generated) < len(self.script) else t for s, t in zip(active, chosen)]
+    def _choose(self, ready):
+        chosen = super()._choose(ready)
+        return [self.script[len(r.generated)] if len(r.generated) < len(self.script) else t for r, t in zip(ready, chosen)]
 
 
 def test_second_perception_equals_a_fresh_prefill(tiny_bundle):
@@ -303,8 +303,6 @@ def test_engine_argument_errors(tiny_bundle):
 
 def test_device_image_pipeline(tiny_bundle):
     """Patches made on the device from the original image stay within PIL's rounding of the host path."""
-    from vpt_fast.engine.state import Segment
-
     b = tiny_bundle("region")
     tok = b.tokenizer
     image = rand_image(333, 517, 5)
@@ -315,14 +313,12 @@ def test_device_image_pipeline(tiny_bundle):
     assert device.round1_ids == pil.round1_ids and len(device.answer_ids) == len(pil.answer_ids)
     engine = Engine(b, image_pipeline="device")
     (r,) = engine.generate([image], ["Q"], 10, forced)
-    from vpt_fast.engine.state import SequenceState
-
-    s = SequenceState(0, 0, image, b.processor.prepare(image), "", [], None, 4, 4)
-    s.boxes += list(r.trace[0].boxes)
     crops = [b.processor.prepare_crop(image, box) for box in r.trace[0].boxes]
-    seg = Segment([], [s.first, *crops])
-    rows, grid = engine._device_pixels([(s, seg)])
-    want, want_grid = b.processor.qwen_inputs([s.first, *crops])
+    request = engine._prepare(image, "Q", None, None)
+    request.images += crops
+    request.boxes += list(r.trace[0].boxes)
+    rows, grid = engine._segments._device_pixels([(request, k) for k in range(3)])
+    want, want_grid = b.processor.qwen_inputs([request.turn.first, *crops])
     assert torch.equal(grid, want_grid)
     std = torch.tensor(b.processor.qwen.image_std).repeat_interleave(2 * 14 * 14)
     assert ((rows - want).abs() * std).max() <= 2 / 255 + 1e-6

@@ -1,4 +1,4 @@
-"""The engine's decoder (Runner over a KVCache) against transformers' own Qwen2-VL forward.
+"""The engine's decoder (Runner over a paged KV cache) against transformers' own Qwen2-VL forward.
 
 Sequences carry a real image: its features come from the HF vision tower and sit at the
 `<|image_pad|>` positions, positions come from stock get_rope_index, and the runner's logits
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vpt_fast.checkpoint import load_vpt_checkpoint
-from vpt_fast.engine.cache import KVCache
+from vpt_fast.engine.cache import OutOfBlocks, PagedKVCache
 from vpt_fast.engine.runner import Runner
 
 TOL = 1e-4  # runner vs HF, fp32
@@ -78,44 +78,76 @@ def hf_logits(bundle, seq: Seq) -> torch.Tensor:
     return out.logits[0].float()
 
 
-def new_cache(runner: Runner, slots: int = 4, max_len: int = 64, dtype=None) -> KVCache:
-    cfg = runner.config
-    return KVCache(cfg.num_hidden_layers, slots, max_len, runner.num_kv_heads, runner.head_dim,
-                   dtype or runner.dtype, runner.device)
+class Paged:
+    """A paged cache with hand-kept block tables: sequence name -> (blocks, length)."""
+
+    def __init__(self, runner: Runner, num_blocks: int = 40, block_size: int = 4, dtype=None, seed: int = 0):
+        cfg = runner.config
+        self.runner = runner
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, runner.num_kv_heads, runner.head_dim,
+                                  dtype or runner.dtype, runner.device)
+        order = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1
+        self.free = order.tolist()  # blocks handed out in a scrambled order: tables are never contiguous
+        self.seqs: dict[str, tuple[list[int], int]] = {}
+
+    def grow(self, name: str, new: int) -> tuple[list[int], int]:
+        blocks, length = self.seqs.get(name, ([], 0))
+        while len(blocks) * self.cache.block_size < length + new:
+            blocks.append(self.free.pop())
+        self.seqs[name] = (blocks, length + new)
+        return blocks, length
+
+    def rollback(self, name: str, length: int) -> None:
+        blocks, old = self.seqs[name]
+        assert 0 <= length <= old
+        self.seqs[name] = (blocks, length)
+
+    def poison(self) -> None:
+        """NaN in every cache entry past each sequence's length, and in every unused block."""
+        bs = self.cache.block_size
+        used = set()
+        for blocks, length in self.seqs.values():
+            for i, blk in enumerate(blocks):
+                used.add(blk)
+                start = max(0, length - i * bs)
+                self.cache.k[:, blk, start:] = float("nan")
+                self.cache.v[:, blk, start:] = float("nan")
+        for blk in range(1, self.cache.num_blocks):
+            if blk not in used:
+                self.cache.k[:, blk] = float("nan")
+                self.cache.v[:, blk] = float("nan")
 
 
 @torch.no_grad()
-def step(runner: Runner, cache: KVCache, slot: int, seq: Seq, a: int, b: int) -> torch.Tensor:
-    """Feed tokens a..b of `seq` to `slot`; their logits (b - a, V)."""
-    hidden = runner.forward(seq.embeds[None, a:b], seq.positions[:, None, a:b], cache, torch.tensor([slot]),
-                            torch.tensor([b - a]))
-    return runner.logits(hidden)[0]
+def batched(paged: Paged, rows: list[tuple[str, Seq, int, int]]) -> list[torch.Tensor]:
+    """One ragged prefill call: row (name, seq, a, b) feeds tokens a..b of `seq` to sequence `name`;
+    their logits (b - a, V) each."""
+    runner, cache = paged.runner, paged.cache
+    embeds, positions, slots, tables, lens, counts = [], [], [], [], [], []
+    for name, seq, a, b in rows:
+        blocks, length = paged.grow(name, b - a)
+        assert length == a, f"{name} holds {length} tokens, the row starts at {a}"
+        embeds.append(seq.embeds[a:b])
+        positions.append(seq.positions[:, a:b])
+        slots += cache.slots(blocks, a, b)
+        tables.append(list(blocks))
+        lens.append(b)
+        counts.append(b - a)
+    width = max(len(t) for t in tables)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    cu = torch.tensor([0] + counts).cumsum(0)
+    hidden = runner.prefill(torch.cat(embeds), torch.cat(positions, dim=1), cache, torch.tensor(slots), tables,
+                            torch.tensor(lens), cu, max(counts))
+    logits = runner.logits(hidden)
+    return [logits[cu[i] : cu[i + 1]] for i in range(len(rows))]
 
 
-@torch.no_grad()
-def batched(runner: Runner, cache: KVCache, slots: list[int], rows: list[tuple[Seq, int, int]]) -> list[torch.Tensor]:
-    """One ragged call: row i feeds tokens a..b of its sequence to slots[i] (right-padded)."""
-    width = max(b - a for _, a, b in rows)
-    hidden_size = rows[0][0].embeds.shape[-1]
-    embeds = torch.zeros(len(rows), width, hidden_size, dtype=rows[0][0].embeds.dtype)
-    positions = torch.zeros(3, len(rows), width, dtype=torch.long)
-    for i, (seq, a, b) in enumerate(rows):
-        embeds[i, : b - a] = seq.embeds[a:b]
-        positions[:, i, : b - a] = seq.positions[:, a:b]
-    new_lens = torch.tensor([b - a for _, a, b in rows])
-    logits = runner.logits(runner.forward(embeds, positions, cache, torch.tensor(slots), new_lens))
-    return [logits[i, : b - a] for i, (_, a, b) in enumerate(rows)]
+def step(paged: Paged, name: str, seq: Seq, a: int, b: int) -> torch.Tensor:
+    return batched(paged, [(name, seq, a, b)])[0]
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
-
-
-def poison_beyond_lengths(cache: KVCache) -> None:
-    for slot in range(cache.slots):
-        n = cache.length(slot)
-        cache.k[:, slot, n:] = float("nan")
-        cache.v[:, slot, n:] = float("nan")
 
 
 # ----------------------------------------------------------------------------- against HF
@@ -129,22 +161,24 @@ def test_prefill_chunks_and_decode_match_hf(tiny_bundle, variant):
     T = len(seq.ids)
     ref = hf_logits(bundle, seq)
 
-    cache = new_cache(runner)
-    whole = step(runner, cache, 1, seq, 0, T)
-    assert cache.length(1) == T and cache.length(0) == 0
+    whole = step(Paged(runner), "a", seq, 0, T)
     assert max_diff(whole, ref) <= TOL, f"one-call prefill: max |diff| {max_diff(whole, ref):.3g}"
 
     # three chunks, the cuts falling inside the image run and the text
     cuts = [0, 6, 11, T]
-    cache = new_cache(runner)
-    chunks = torch.cat([step(runner, cache, 2, seq, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
-    assert cache.length(2) == T
+    paged = Paged(runner, seed=1)
+    chunks = torch.cat([step(paged, "a", seq, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
     assert max_diff(chunks, ref) <= TOL, f"chunked prefill: max |diff| {max_diff(chunks, ref):.3g}"
 
-    # prefill the prompt, then one token at a time
-    cache = new_cache(runner)
+    # prefill the prompt, then one token at a time through the decode path
+    paged = Paged(runner, seed=2)
     prompt = T - 6
-    out = [step(runner, cache, 0, seq, 0, prompt)] + [step(runner, cache, 0, seq, t, t + 1) for t in range(prompt, T)]
+    out = [step(paged, "a", seq, 0, prompt)]
+    for t in range(prompt, T):
+        blocks, length = paged.grow("a", 1)
+        hidden = runner.decode(seq.embeds[t : t + 1], seq.positions[:, t : t + 1], paged.cache,
+                               torch.tensor(paged.cache.slots(blocks, t, t + 1)), torch.tensor([blocks]), torch.tensor([t + 1]))
+        out.append(runner.logits(hidden))
     decoded = torch.cat(out)
     assert max_diff(decoded, ref) <= TOL, f"prefill + decode: max |diff| {max_diff(decoded, ref):.3g}"
 
@@ -159,30 +193,29 @@ def test_ragged_batch_matches_each_sequence_alone_and_hf(tiny_bundle):
     seqs = [extend(bundle, p, d) for p, d in zip(prompts, decode)]
     lens = [len(p.ids) for p in prompts]
     assert len(set(lens)) == 3
-    slots = [2, 0, 1]
+    names = ["x", "y", "z"]
 
-    cache = new_cache(runner, slots=4)
-    out = [[x] for x in batched(runner, cache, slots, [(s, 0, n) for s, n in zip(seqs, lens)])]
-    assert [cache.length(s) for s in slots] == lens and cache.length(3) == 0
-    # decode together: each row at its own length and position; in step 2 row 1 sits out
+    paged = Paged(runner, num_blocks=60)
+    out = [[x] for x in batched(paged, [(n, s, 0, k) for n, s, k in zip(names, seqs, lens)])]
+    paged.poison()
+    # feed the rest together: each row at its own length and position; in step 2 row 1 sits out
     done = list(lens)
     for k in range(len(decode[0])):
-        rows = [(s, d, d + 1) for s, d in zip(seqs, done)]
+        rows = [(n, s, d, d + 1) for n, s, d in zip(names, seqs, done)]
         if k == 2:
-            rows[1] = (seqs[1], done[1], done[1])
-        for i, x in enumerate(batched(runner, cache, slots, rows)):
-            out[i].append(x)
-        done = [d + (b - a) for d, (_, a, b) in zip(done, rows)]
-    assert [cache.length(s) for s in slots] == done
-    # row 1 finishes its last token alone
-    out[1].append(step(runner, cache, slots[1], seqs[1], done[1], done[1] + 1))
+            rows.pop(1)
+        for (n, _, _, _), x in zip(rows, batched(paged, rows)):
+            out[names.index(n)].append(x)
+        for n, _, a, b in rows:
+            done[names.index(n)] = b
+    out[1].append(step(paged, "y", seqs[1], done[1], done[1] + 1))
 
     for i, seq in enumerate(seqs):
         got = torch.cat(out[i])
-        assert got.shape[0] == len(seq.ids)
-        alone_cache = new_cache(runner, slots=1)
-        alone = torch.cat([step(runner, alone_cache, 0, seq, 0, lens[i])]
-                          + [step(runner, alone_cache, 0, seq, t, t + 1) for t in range(lens[i], len(seq.ids))])
+        assert got.shape[0] == len(seq.ids) and bool(got.isfinite().all())
+        alone_paged = Paged(runner, seed=5)
+        alone = torch.cat([step(alone_paged, "a", seq, 0, lens[i])]
+                          + [step(alone_paged, "a", seq, t, t + 1) for t in range(lens[i], len(seq.ids))])
         assert max_diff(got, alone) <= SAME, f"row {i} batched vs alone: max |diff| {max_diff(got, alone):.3g}"
         ref = hf_logits(bundle, seq)
         assert max_diff(got, ref) <= TOL, f"row {i} vs HF: max |diff| {max_diff(got, ref):.3g}"
@@ -197,24 +230,22 @@ def test_rollback_then_append_equals_fresh_prefill(tiny_bundle):
     other = extend(bundle, make_seq(bundle, seed=6, size=(84, 112)), [60, 61])  # longer than A + C
     n = len(a.ids)
 
-    fresh_cache = new_cache(runner, slots=1)
-    fresh = step(runner, fresh_cache, 0, ac, 0, len(ac.ids))
+    fresh = step(Paged(runner), "a", ac, 0, len(ac.ids))
 
-    cache = new_cache(runner, slots=3)
-    step(runner, cache, 0, ab, 0, len(ab.ids))
-    step(runner, cache, 2, other, 0, len(other.ids) - 1)
-    cache.rollback(0, n)
-    assert cache.length(0) == n
-    # whatever lies past a slot's length (rolled-back keys, unused positions) is never read
-    poison_beyond_lengths(cache)
-    appended = step(runner, cache, 0, ac, n, len(ac.ids))
+    paged = Paged(runner, num_blocks=80, seed=3)
+    step(paged, "a", ab, 0, len(ab.ids))
+    step(paged, "o", other, 0, len(other.ids) - 1)
+    paged.rollback("a", n)
+    # whatever lies past a length (rolled-back keys, unused blocks) is never read
+    paged.poison()
+    appended = step(paged, "a", ac, n, len(ac.ids))
     assert bool(appended.isfinite().all())
     assert max_diff(appended, fresh[n:]) <= SAME, f"rollback + append: max |diff| {max_diff(appended, fresh[n:]):.3g}"
 
-    # the same in a ragged batch next to a longer sequence, both slots poisoned past their lengths
-    cache.rollback(0, n)
-    poison_beyond_lengths(cache)
-    rows = batched(runner, cache, [0, 2], [(ac, n, len(ac.ids)), (other, len(other.ids) - 1, len(other.ids))])
+    # the same in a ragged batch next to a longer sequence, everything stale poisoned
+    paged.rollback("a", n)
+    paged.poison()
+    rows = batched(paged, [("a", ac, n, len(ac.ids)), ("o", other, len(other.ids) - 1, len(other.ids))])
     assert all(bool(r.isfinite().all()) for r in rows)
     err = max_diff(rows[0], fresh[n:])
     assert err <= SAME, f"batched after rollback: max |diff| {err:.3g}"
@@ -224,46 +255,26 @@ def test_rollback_then_append_equals_fresh_prefill(tiny_bundle):
     assert max_diff(appended, ref) <= TOL, f"rollback + append vs HF: max |diff| {max_diff(appended, ref):.3g}"
 
 
-# ----------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------- the cache
 
 
-def test_kv_cache_rollback_bounds(tiny_bundle):
+def test_paged_cache_blocks(tiny_bundle):
     runner = Runner(tiny_bundle("region").model)
-    cache = new_cache(runner, slots=2, max_len=16)
-    with pytest.raises(ValueError, match="a cache needs at least one slot"):
-        KVCache(1, 0, 16, 2, 16, torch.float32, "cpu")
-    seq = make_seq(tiny_bundle("region"), seed=7, size=(56, 56), before=1, after=1)
-    step(runner, cache, 1, seq, 0, 5)
-    with pytest.raises(ValueError, match=r"rollback of slot 1 to 6: must be within \[0, 5\]"):
-        cache.rollback(1, 6)
-    with pytest.raises(ValueError, match=r"must be within \[0, 5\]"):
-        cache.rollback(1, -1)
-    with pytest.raises(ValueError, match=r"must be within \[0, 0\]"):
-        cache.rollback(0, 1)
-    assert cache.lengths.tolist() == [0, 5]
-    cache.rollback(1, 5)
-    cache.rollback(1, 0)
-    assert cache.lengths.tolist() == [0, 0]
-
-
-def test_runner_overflow_changes_nothing(tiny_bundle):
-    bundle = tiny_bundle("region")
-    runner = Runner(bundle.model)
-    seq = make_seq(bundle, seed=8, size=(56, 56), before=2, after=4)  # 13 tokens
-    cache = new_cache(runner, slots=2, max_len=12)
-    step(runner, cache, 0, seq, 0, 9)
-    step(runner, cache, 1, seq, 0, 3)
-    lengths, k, v = cache.lengths.clone(), cache.k.clone(), cache.v.clone()
-    with pytest.raises(ValueError, match="overflow"):
-        step(runner, cache, 0, seq, 9, 13)
-    # one row over in a batch: no row is written
-    with pytest.raises(ValueError, match="overflow"):
-        batched(runner, cache, [1, 0], [(seq, 3, 6), (seq, 9, 13)])
-    assert torch.equal(cache.lengths, lengths)
-    assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
-    # exactly full is fine
-    step(runner, cache, 0, seq, 9, 12)
-    assert cache.lengths.tolist() == [12, 3]
+    cache = PagedKVCache(2, 6, 4, runner.num_kv_heads, runner.head_dim, torch.float32, "cpu")
+    assert cache.usable_blocks == 5 and cache.capacity == 20 and cache.num_free == 5
+    assert cache.blocks_for(0) == 0 and cache.blocks_for(4) == 1 and cache.blocks_for(5) == 2
+    a = cache.allocate(2)
+    b = cache.allocate(3)
+    assert 0 not in a + b and len(set(a + b)) == 5 and cache.num_free == 0 and cache.num_used == 5
+    with pytest.raises(OutOfBlocks, match="1 blocks asked for, 0 free"):
+        cache.allocate(1)
+    assert cache.slots(a, 2, 6) == [a[0] * 4 + 2, a[0] * 4 + 3, a[1] * 4, a[1] * 4 + 1]
+    cache.release(b)
+    assert cache.allocate(3) == b  # the most recently freed blocks come back first
+    cache.reset()
+    assert cache.num_free == 5
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        PagedKVCache(1, 1, 4, 1, 8, torch.float32, "cpu")
 
 
 # ----------------------------------------------------------------------------- bf16
@@ -281,11 +292,10 @@ def test_bf16_runner_error_is_within_hf_bf16_error(tiny_bundle, tiny_ckpt):
 
     runner = Runner(b16.model)
     assert runner.dtype == torch.bfloat16
-    cache = new_cache(runner)
-    assert cache.k.dtype == torch.bfloat16
+    paged = Paged(runner)
+    assert paged.cache.k.dtype == torch.bfloat16
     T = len(seq16.ids)
     prompt = T - 4
-    ours = torch.cat([step(runner, cache, 3, seq16, 0, prompt)]
-                     + [step(runner, cache, 3, seq16, t, t + 1) for t in range(prompt, T)])
+    ours = torch.cat([step(paged, "a", seq16, 0, prompt)] + [step(paged, "a", seq16, t, t + 1) for t in range(prompt, T)])
     err_hf, err_ours = max_diff(hf16, ref), max_diff(ours, ref)
     assert err_ours <= 2 * err_hf + 1e-3, f"bf16 runner error {err_ours:.3g} vs HF bf16 error {err_hf:.3g}"

@@ -13,39 +13,40 @@ import warnings
 import torch
 
 from . import ops
-from .engine import Engine, GenerationResult
+from .engine import AsyncEngine, Engine, GenerationResult
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "GenerationResult", "accelerate", "from_pretrained", "ops"]
+__all__ = ["AsyncEngine", "Engine", "GenerationResult", "SamplingParams", "accelerate", "from_pretrained", "ops"]
 
 
 def from_pretrained(path_or_model, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-                    max_seq_len: int = 4096, **accelerate_kwargs) -> Engine:
+                    **options) -> Engine:
     """An Engine for a checkpoint folder (released VPT format, transformers-5 layout or
     plain Qwen2-VL), or for an already loaded transformers model (then as `accelerate`).
 
     dtype: torch.float32, bfloat16 or float16, or its name ("bfloat16"); device: "cpu" or
-    a CUDA device; anything else raises ValueError before any weight is read. A
-    max_seq_len above the model's max_position_embeddings raises ValueError too."""
+    a CUDA device; anything else raises ValueError before any weight is read. options go
+    to `Engine` (max_seq_len, max_batch_size, kv_cache_tokens or kv_cache_gib, block_size,
+    cuda_graphs, image_pipeline); a max_seq_len above the model's max_position_embeddings
+    raises ValueError too."""
     if isinstance(path_or_model, (str, os.PathLike)):
         from .checkpoint import load_vpt_checkpoint
 
-        if accelerate_kwargs:
-            raise TypeError(f"unexpected arguments for a checkpoint folder: {sorted(accelerate_kwargs)}")
-        return Engine(load_vpt_checkpoint(path_or_model, dtype=dtype, device=device), max_seq_len=max_seq_len)
-    return accelerate(path_or_model, max_seq_len=max_seq_len, **accelerate_kwargs)
+        return Engine(load_vpt_checkpoint(path_or_model, dtype=dtype, device=device), **options)
+    return accelerate(path_or_model, **options)
 
 
 def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None, detection_projector=None,
-               seg_model=None, seg_projector=None, vpt_config=None, max_seq_len: int = 4096) -> Engine:
+               seg_model=None, seg_projector=None, vpt_config=None, **options) -> Engine:
     """An Engine over a loaded transformers `Qwen2VLForConditionalGeneration`.
 
     processor: a transformers Qwen2-VL processor (its tokenizer and image processor are
     used) or a tokenizer alone (default image settings). VPT branches are passed as the
     modules the checkpoint would hold; vpt_config (a `VPTConfig` or the VPT fields of a
     checkpoint's config.json) says which token ids drive them, and defaults to the
-    fields found in `hf_model.config`. The model is used as it is: nothing in it is
-    changed, so there is nothing to undo.
+    fields found in `hf_model.config`. options go to `Engine`. The model is used as it
+    is: nothing in it is changed, so there is nothing to undo.
     """
     from . import spec
     from .checkpoint import VPTBundle, VPTConfig
@@ -82,4 +83,4 @@ def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None
                        vpt_config=vcfg, vocab=spec.Vocab.from_tokenizer(tokenizer), clip_projector=clip_projector,
                        detection_model=detection_model, detection_projector=detection_projector, seg_model=seg_model,
                        seg_projector=seg_projector)
-    return Engine(bundle, max_seq_len=max_seq_len)
+    return Engine(bundle, **options)

@@ -139,6 +139,16 @@ class VPTConfig:
     def two_pass(self) -> bool:
         return self.num_inner_forward_run == 2
 
+    @property
+    def start_to_action(self) -> dict[int, int]:
+        """`<|X_action_start|>` id -> `<|X_action|>` id, for every kind whose ids the config names."""
+        out = {}
+        for kind in spec.REENCODE_KINDS:
+            start, action, _pad = self.ids(kind)
+            if action is not None:
+                out[start] = action
+        return out
+
 
 @dataclass
 class VPTBundle:

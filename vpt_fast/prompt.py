@@ -13,6 +13,7 @@ change the conversation's structure or its image-pad count. Such a prompt is ref
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -70,8 +71,16 @@ def conversation(turns: Sequence[tuple[str, str]]) -> str:
     return text + f"{spec.IM_START}assistant\n"
 
 
+_ENCODE_LOCK = threading.Lock()
+
+
 def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of a conversation text (special-token text is parsed as those tokens).
+
+    Serialised: a fast tokenizer used from several threads at once (requests prepared in
+    their callers' threads, splices in the engine's) can fail with "Already borrowed"."""
+    with _ENCODE_LOCK:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def region_prompt(n_crops: int, crop_spans: Sequence[str]) -> str:

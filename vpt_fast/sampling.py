@@ -1,19 +1,77 @@
-"""Request validation and next-token choice, shared by the reference pipeline and the engine."""
+"""Sampling parameters, request validation and next-token choice, shared by the reference
+pipeline and the engine."""
 
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 
-def sample(scores: torch.Tensor, do_sample: bool, top_k, top_p, generator) -> torch.Tensor:
-    """Next tokens (B,) from scores (B, vocab): argmax, or top-k / top-p sampling as transformers does."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates. Invalid values raise ValueError at construction.
+
+    max_new_tokens bounds each round; answer_max_new_tokens (default: the same) the rounds
+    after a perception. Greedy unless do_sample; then temperature, top_k and top_p shape the
+    distribution (in that order, as transformers applies them) and `seed` seeds the request's
+    own generator, so its tokens do not depend on what else is batched (None: a fresh seed).
+    max_perception_rounds: how many perceptions the request may make (1, as the published
+    flow). return_logits keeps the logits behind every generated token.
+    """
+
+    max_new_tokens: int = 64
+    answer_max_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    max_perception_rounds: int = 1
+    return_logits: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "answer_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not _is_int(self.max_perception_rounds) or self.max_perception_rounds < 0:
+            raise ValueError(f"max_perception_rounds must be a non-negative int, got {self.max_perception_rounds!r}")
+        for name in ("do_sample", "return_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be a positive number, got {t!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def answer_limit(self) -> int:
+        return self.max_new_tokens if self.answer_max_new_tokens is None else self.answer_max_new_tokens
+
+
+def sample(scores: torch.Tensor, do_sample: bool, top_k, top_p, generator, temperature: float = 1.0) -> torch.Tensor:
+    """Next tokens (B,) from scores (B, vocab): argmax, or sampling after temperature, top-k and
+    top-p as transformers applies them."""
     if not do_sample:
         return scores.argmax(-1)
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+    if temperature != 1.0:
+        scores = scores / temperature
     if top_k:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p is not None and top_p < 1.0:

@@ -1,6 +1,8 @@
-"""The single-pass VPT engine."""
+"""The single-pass VPT engine: continuous batching over a paged KV cache."""
 
-from .generate import Engine, FinishEvent, PerceptionEvent, TokenEvent
-from .state import GenerationResult, PerceptionTrace
+from .async_engine import AsyncEngine, EngineClosed, QueueFull, RequestHandle
+from .scheduler import Engine
+from .state import FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, TokenEvent
 
-__all__ = ["Engine", "FinishEvent", "GenerationResult", "PerceptionEvent", "PerceptionTrace", "TokenEvent"]
+__all__ = ["AsyncEngine", "Engine", "EngineClosed", "FinishEvent", "GenerationResult", "PerceptionEvent", "PerceptionTrace",
+           "QueueFull", "RequestHandle", "TokenEvent"]

@@ -1,43 +1,42 @@
 """Decode steps over fixed buffers, captured as CUDA graphs per batch-size bucket.
 
-A step's inputs (token ids, optional input-embedding overrides for action tokens,
-positions, cache slots) are copied into buffers sized to the next bucket; rows past
-the real batch point at the cache's scratch slot. The step itself reads lengths on
-the device and never synchronises with the host, so on CUDA it is captured once per
-bucket and replayed. On the CPU the same code runs uncaptured.
+A step's inputs (token ids, input-embedding overrides for action tokens, positions, the
+slot each new key/value goes to, lengths and block tables) are copied into buffers sized
+to the next bucket, in one host-to-device copy; padding rows write nowhere (slot -1) and
+read the null block. The step itself never synchronises with the host, so on CUDA it is
+captured once per bucket and replayed. On the CPU the same code runs uncaptured.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cache import KVCache
+from .cache import PagedKVCache
 from .runner import Runner
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class _Buffers:
-    def __init__(self, n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, n, dtype=torch.long, device=device)
-        self.slots = torch.zeros(n, dtype=torch.long, device=device)
-        self.use_override = torch.zeros(n, dtype=torch.bool, device=device)
+    def __init__(self, n: int, max_blocks: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        # one flat buffer, filled by one copy per step: five (n,) rows, then the (n, max_blocks) tables
+        self.packed = torch.zeros(n * (5 + max_blocks), dtype=torch.long, device=device)
+        self.tokens, self.position, self.slot_mapping, self.seq_lens, self.use_override = self.packed[: 5 * n].view(5, n)
+        self.block_tables = self.packed[5 * n:].view(n, max_blocks)
         self.override = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.logits = torch.zeros(n, vocab, dtype=torch.float32, device=device)
 
 
 class DecodeStep:
-    """One token for each of up to `cache.slots - 1` sequences (the last slot is scratch)."""
+    """One token for each of up to `BUCKETS[-1]` sequences of a paged cache."""
 
-    def __init__(self, runner: Runner, cache: KVCache, use_graphs: bool):
+    def __init__(self, runner: Runner, cache: PagedKVCache, max_blocks: int, use_graphs: bool):
         if use_graphs and runner.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.runner = runner
         self.cache = cache
-        self.scratch = cache.slots - 1
-        self._scratch_length = cache.lengths[self.scratch : self.scratch + 1]  # a view, reset on the device
+        self.max_blocks = max_blocks
         self.use_graphs = use_graphs
         self.vocab = runner.lm_head.weight.shape[0]
         self._buffers: dict[int, _Buffers] = {}
@@ -51,16 +50,15 @@ class DecodeStep:
         raise ValueError(f"a decode step takes at most {BUCKETS[-1]} sequences, got {n}")
 
     def _body(self, buf: _Buffers) -> None:
-        self._scratch_length.zero_()  # padding rows all write at the scratch slot's start (no host copy: capturable)
         embeds = self.runner.embed(buf.tokens)
-        embeds = torch.where(buf.use_override[:, None], buf.override, embeds)
-        hidden = self.runner.decode(embeds, buf.positions, self.cache, buf.slots)
+        embeds = torch.where(buf.use_override.bool()[:, None], buf.override, embeds)
+        hidden = self.runner.decode(embeds, buf.position[None].expand(3, -1), self.cache, buf.slot_mapping,
+                                    buf.block_tables, buf.seq_lens)
         buf.hidden.copy_(hidden)
         buf.logits.copy_(self.runner.logits(hidden))
 
     def _capture(self, buf: _Buffers) -> torch.cuda.CUDAGraph:
-        buf.slots.fill_(self.scratch)  # warm-up and capture touch only the scratch slot
-        buf.use_override.zero_()
+        self._fill_padding(buf, 0)  # warm-up and capture write nothing and read the null block
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -72,19 +70,31 @@ class DecodeStep:
             self._body(buf)
         return graph
 
+    @staticmethod
+    def _fill_padding(buf: _Buffers, start: int) -> None:
+        buf.tokens[start:] = 0
+        buf.position[start:] = 0
+        buf.slot_mapping[start:] = -1
+        buf.seq_lens[start:] = 1
+        buf.use_override[start:] = 0
+        buf.block_tables[start:] = 0
+
     def __call__(self, tokens: list[int], overrides: list[torch.Tensor | None], positions: list[int],
-                 slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits (B, vocab) float32, final hidden states (B, H)), fresh tensors."""
+                 slot_mapping: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: its id (or its input embedding in overrides[b]), its position, the
+        cache slot its key/value go to, its sequence's length with it and its block table.
+        Returns (logits (B, vocab) float32, final hidden states (B, H)), fresh tensors."""
         B = len(tokens)
-        if B > self.scratch:
-            raise ValueError(f"{B} sequences for a cache of {self.scratch} slots")
         n = self.bucket(B)
         buf = self._buffers.get(n)
         if buf is None:
-            buf = self._buffers[n] = _Buffers(n, self.runner.hidden_size, self.vocab, self.runner.dtype, self.runner.device)
+            buf = self._buffers[n] = _Buffers(n, self.max_blocks, self.runner.hidden_size, self.vocab, self.runner.dtype,
+                                              self.runner.device)
         pad = n - B
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch] * pad,
+        tables = [row + [0] * (self.max_blocks - len(row)) for row in block_tables] + [[0] * self.max_blocks] * pad
+        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slot_mapping + [-1] * pad, seq_lens + [1] * pad,
                              [o is not None for o in overrides] + [False] * pad], dtype=torch.long)
+        host = torch.cat([host.flatten(), torch.tensor(tables, dtype=torch.long).flatten()])
         for b, o in enumerate(overrides):
             if o is not None:
                 buf.override[b].copy_(o)
@@ -93,11 +103,7 @@ class DecodeStep:
             graph = self._graphs.get(n)
             if graph is None:
                 graph = self._graphs[n] = self._capture(buf)
-        host = host.to(self.runner.device, non_blocking=True)
-        buf.tokens.copy_(host[0])
-        buf.positions.copy_(host[1][None].expand(3, -1))
-        buf.slots.copy_(host[2])
-        buf.use_override.copy_(host[3].bool())
+        buf.packed.copy_(host.to(self.runner.device, non_blocking=True))
         if graph is not None:
             graph.replay()
         else:

@@ -3,8 +3,9 @@
 No weight is copied: the runner reads the transformers module's tensors, so the
 engine owns the cache layout, the positions and the attention while the model
 stays the user's. Arithmetic follows transformers' Qwen2-VL modules (RMSNorm in
-float32, rotate-half M-RoPE, grouped-query attention, SwiGLU MLP), through the ops'
-torch definitions.
+float32, rotate-half M-RoPE, grouped-query attention, SwiGLU MLP), through the ops.
+Prefill (a packed ragged batch of new tokens) and decode (one token per sequence, graph
+capturable) share one decoder-layer body and differ only in their attention op.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from ..ops import kv_splice
 from ..ops.decode_attention import decode_attention
 from ..ops.mrope import apply_rotary
-from ..ops.norm import add_rms_norm, add_rms_norm_reference, silu_mul
-from .cache import KVCache
+from ..ops.norm import add_rms_norm, silu_mul
+from ..ops.prefill_attention import prefill_attention
+from .cache import PagedKVCache
 
 
 class Runner:
@@ -51,97 +53,65 @@ class Runner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(ids)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return add_rms_norm_reference(x, None, weight, self.eps)[1]
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (N, head_dim) of N tokens at M-RoPE positions (3, N)."""
+        cos, sin = self.rotary(x[None], positions[:, None, :])
+        return cos[0], sin[0]
 
-    @torch.no_grad()
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                new_lens: torch.Tensor) -> torch.Tensor:
-        """Run new tokens of several sequences through the decoder, appending their KV.
-
-        embeds (B, T, H): the new tokens' input embeddings, row b valid for its first
-        new_lens[b] entries (the rest is padding); positions (3, B, T); slots (B,) the
-        cache slot of each row. Each row's tokens are written after the slot's current
-        length, attend to everything before them, and the slot's length grows by
-        new_lens[b]. Returns the final hidden states (B, T, H) after the last RMSNorm.
-        """
-        B, T, _ = embeds.shape
-        lengths = cache.lengths[slots]  # (B,) before this call
-        total = lengths + new_lens
-        if bool((total > cache.max_len).any()):
-            raise ValueError(f"cache overflow: lengths {total.tolist()} exceed the slot size {cache.max_len}")
-        offs = torch.arange(T, device=embeds.device)
-        valid = offs[None, :] < new_lens[:, None]  # (B, T)
-        slot_mapping = torch.where(valid, slots[:, None] * cache.max_len + lengths[:, None] + offs[None, :], -1).flatten()
-        S = int(total.max())
-        keys = torch.arange(S, device=embeds.device)
-        # key j is visible to query i of row b when it exists and is not in the future
-        live = keys[None, :] < total[:, None]  # (B, S): below the row's length after this call
-        mask = live[:, None, :] & (keys[None, None, :] <= (lengths[:, None] + offs[None, :])[:, :, None])
-        # positions past a row's length hold stale entries (rolled back, another sequence's, never
-        # written); a masked NaN/inf still poisons the attention, so they are zeroed, not just masked
-        live_kv = live[:, :, None, None]
-        cos, sin = self.rotary(embeds, positions)  # (B, T, D)
-        cos_h, sin_h = cos[:, :, None, :], sin[:, :, None, :]
-        flat_cos, flat_sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
-        groups = self.num_heads // self.num_kv_heads
-
-        x = embeds
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = self._norm(x, layer.input_layernorm.weight)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, T, self.num_heads, self.head_dim)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B * T, self.num_kv_heads, self.head_dim)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B * T, self.num_kv_heads, self.head_dim)
-            q = apply_rotary(q, cos_h, sin_h)
-            k_cache, v_cache = cache.layer(i)
-            kv_splice(k, v, k_cache, v_cache, slot_mapping, flat_cos, flat_sin)
-            K = torch.where(live_kv, k_cache[slots, :S], 0).transpose(1, 2)  # (B, kvh, S, D)
-            V = torch.where(live_kv, v_cache[slots, :S], 0).transpose(1, 2)
-            if groups > 1:
-                K = K.repeat_interleave(groups, dim=1)
-                V = V.repeat_interleave(groups, dim=1)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask[:, None], scale=self.head_dim**-0.5)
-            o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-            x = x + F.linear(o, attn.o_proj.weight)
-            h = self._norm(x, layer.post_attention_layernorm.weight)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-        cache.lengths[slots] = total
-        return self._norm(x, self.text.norm.weight)
-
-    @torch.no_grad()
-    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
-        """One new token per row, with no host synchronisation and fixed shapes (CUDA-graph safe).
-
-        embeds (B, H); positions (3, B); slots (B,). Each row's token is written at its
-        slot's length (read on the device) and attends to everything up to it; lengths
-        grow by one. Returns the final hidden states (B, H).
-        """
-        B = embeds.shape[0]
-        lengths = cache.lengths[slots]
-        slot_mapping = slots * cache.max_len + lengths
-        seq_lens = lengths + 1
-        x = embeds.contiguous()
-        cos, sin = self.rotary(x[:, None, :], positions[:, :, None])  # (B, 1, D)
-        cos, sin = cos[:, 0], sin[:, 0]
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache,
+                slot_mapping: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder over N tokens (N, H): every layer writes the tokens' keys and values at
+        their slots and calls `attend(layer, q, cos, sin)` for the attention output
+        (N, heads, head_dim). Returns the final hidden states after the last RMSNorm."""
+        N = x.shape[0]
         residual = None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x, h = add_rms_norm(x, residual, layer.input_layernorm.weight, self.eps)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, self.num_heads, self.head_dim)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, self.num_kv_heads, self.head_dim)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, self.num_kv_heads, self.head_dim)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(N, self.num_heads, self.head_dim)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(N, self.num_kv_heads, self.head_dim)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(N, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = cache.layer(i)
             kv_splice(k, v, k_cache, v_cache, slot_mapping, cos, sin, check=False)
-            o = decode_attention(q, k_cache, v_cache, slots, seq_lens, self.head_dim**-0.5, cos, sin, check=False)
-            x, h = add_rms_norm(x, F.linear(o.reshape(B, self.num_heads * self.head_dim), attn.o_proj.weight),
+            o = attend(k_cache, v_cache, q, cos, sin)
+            x, h = add_rms_norm(x, F.linear(o.reshape(N, self.num_heads * self.head_dim), attn.o_proj.weight),
                                 layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             residual = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
-        x, h = add_rms_norm(x, residual, self.text.norm.weight, self.eps)
-        cache.lengths[slots] = seq_lens
-        return h
+        return add_rms_norm(x, residual, self.text.norm.weight, self.eps)[1]
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, slot_mapping: torch.Tensor,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens: torch.Tensor, max_new: int) -> torch.Tensor:
+        """Append the new tokens of several sequences, packed: embeds (N, H), positions (3, N),
+        slot_mapping (N,) where each token's key and value go. Sequence b's tokens are
+        embeds[cu_seqlens[b]:cu_seqlens[b + 1]], the last ones of its seq_lens[b] tokens; they
+        attend causally to everything before them through block_tables (B, M). max_new: the
+        most new tokens of one sequence. Returns the final hidden states (N, H)."""
+        cos, sin = self._rotary(embeds, positions)
+        scale = self.head_dim**-0.5
+
+        def attend(k_cache, v_cache, q, cos, sin):
+            q = apply_rotary(q, cos[:, None, :], sin[:, None, :])
+            return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens, scale, max_new=max_new,
+                                     check=False)
+
+        return self._layers(embeds.contiguous(), cos, sin, cache, slot_mapping, attend)
+
+    @torch.no_grad()
+    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, slot_mapping: torch.Tensor,
+               block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, with no host synchronisation and fixed shapes (CUDA-graph
+        safe): embeds (B, H), positions (3, B), slot_mapping (B,) (-1: a padding row, not
+        written), block_tables (B, M), seq_lens (B,) including the new token. Returns the final
+        hidden states (B, H)."""
+        cos, sin = self._rotary(embeds, positions)
+        scale = self.head_dim**-0.5
+
+        def attend(k_cache, v_cache, q, cos, sin):
+            return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, cos, sin, check=False)
+
+        return self._layers(embeds.contiguous(), cos, sin, cache, slot_mapping, attend)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,25 @@
-"""Per-sequence perception state: what the sequence holds, what it generated, what it looked at.
+"""Per-request state: what a request holds in the cache, what it generated, what it looked at.
 
-The engine keeps, for each request, the token ids exactly as they sit in its KV
-cache, the conversation turns they encode, and the positions bookkeeping needed to
-roll back. When a round ends, the engine compares the conversation the two-round
-reference would build next with what the cache holds: the longest common prefix
-stays, the rest is rolled back and the new segment is spliced in (VPT_SPEC 9).
+A request's sequence is `ids`: every token of its conversation so far, in order, with
+their M-RoPE positions. The first `num_cached` of them have their keys and values in the
+cache, in the request's blocks; the rest are pending (a prompt not yet admitted, a
+spliced perception segment, a token chosen but not yet fed, or everything after a
+preemption) and go in with the next prefill or decode. Input embeddings that are not the
+token's own (image features, re-encoded features, an action token's control vector) are
+kept in `spans` by their start index, so a preempted request is recomputed from exactly
+the same inputs.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..sampling import SamplingParams
 
 
 @dataclass
@@ -37,7 +43,7 @@ class GenerationResult:
     round1_ids: list[int]
     answer_ids: list[int]
     text: str
-    finish_reason: str  # "stop", "length", "malformed", "unsupported:<kind>", "no_room", "error"
+    finish_reason: str  # "stop", "length", "malformed", "unsupported:<kind>", "no_room", "error", "abort"
     trace: list[PerceptionTrace] = field(default_factory=list)
     perception: Any = None  # spec.PerceptionResult of the first round
     error: str | None = None
@@ -45,34 +51,123 @@ class GenerationResult:
 
 
 @dataclass
-class Segment:
-    """Tokens to append to a sequence, with what their embeddings need."""
-
-    ids: list[int]
-    images: list[Any]  # capped PIL images for the <|image_pad|> runs, in order
-    reencode: tuple[str, Any] | None = None  # (kind, encoder input, then features) for a re-encoding pad run
-    first_image: int = 0  # index in the sequence's image list of the segment's first image
+class TokenEvent:
+    request: int
+    token_id: int
+    round: int  # 0 for round 1, k after k perceptions
 
 
-class SequenceState:
+@dataclass
+class PerceptionEvent:
+    request: int
+    trace: PerceptionTrace
+
+
+@dataclass
+class FinishEvent:
+    request: int
+    result: GenerationResult
+
+
+Event = TokenEvent | PerceptionEvent | FinishEvent
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued for admission (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holds blocks
+    FINISHED = "finished"  # its FinishEvent is due or given
+
+
+class Positions:
+    """M-RoPE positions (3, n) of a growing sequence, with the running maximum each prefix reaches."""
+
+    def __init__(self):
+        self._data = torch.zeros(3, 64, dtype=torch.long)
+        self._top: list[int] = []  # max position over the first i + 1 tokens
+
+    def __len__(self) -> int:
+        return len(self._top)
+
+    @property
+    def next(self) -> int:
+        """The position a text token appended now gets."""
+        return self._top[-1] + 1 if self._top else 0
+
+    def extend(self, positions: torch.Tensor) -> None:
+        n, new = len(self._top), positions.shape[1]
+        if n + new > self._data.shape[1]:
+            grown = torch.zeros(3, max(2 * self._data.shape[1], n + new), dtype=torch.long)
+            grown[:, :n] = self._data[:, :n]
+            self._data = grown
+        self._data[:, n : n + new] = positions
+        top = self._top[-1] if self._top else -1
+        for m in positions.max(dim=0).values.tolist():
+            top = max(top, m)
+            self._top.append(top)
+
+    def append_text(self) -> int:
+        p = self.next
+        self.extend(torch.full((3, 1), p, dtype=torch.long))
+        return p
+
+    def truncate(self, n: int) -> None:
+        del self._top[n:]
+
+    def window(self, start: int, stop: int) -> torch.Tensor:
+        return self._data[:, start:stop]
+
+
+@dataclass
+class PendingReencode:
+    """A re-encoding pad run waiting for its features: the branch and its encoder input."""
+
+    kind: str
+    model_input: Any
+
+
+@dataclass
+class PendingTrace:
+    """A perception spliced into `ids`, reported once its segment is in the cache."""
+
+    kind: str
+    cells: list[tuple[int, int, int, int]]
+    boxes: list[tuple[int, int, int, int]]
+    tokens: int
+    rolled_back: int
+    round_end_time: float
+
+
+class Request:
     """One request inside the engine."""
 
-    def __init__(self, index: int, slot: int, original, first, user_turn: str, prompt_ids: list[int],
-                 forced: list[int] | None, max_new_tokens: int, answer_max_new_tokens: int):
-        self.index = index
-        self.slot = slot
-        self.original = original
-        self.first = first
-        self.turns: list[tuple[str, str]] = [("user", user_turn)]
-        self.images: list[Any] = [first]  # every image of the conversation, in order
-        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *original.size)]  # each image's box in the original
-        self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
-        self.features: list[torch.Tensor | None] = [None]  # their vision features once computed
-        self.ids: list[int] = []  # tokens in the cache, in order
-        self.prefix_max: list[int] = []  # max position over ids[: i + 1]
-        self.prompt_ids = prompt_ids
+    def __init__(self, request_id: int, params: SamplingParams, forced: list[int] | None, turn=None,
+                 positions: torch.Tensor | None = None, *, name: str = "", error: str | None = None):
+        """turn: the checked prompt (`prompt.FirstTurn`) and positions (3, n) its M-RoPE positions;
+        without them the request has failed its checks with `error`."""
+        self.id = request_id
+        self.name = name or f"request {request_id}"  # how messages name it
+        self.params = params
         self.forced = forced
-        self.round_limits = (max_new_tokens, answer_max_new_tokens)
+        self.status = Status.WAITING
+        self.generator: torch.Generator | None = None  # made on the model's device at admission when sampling
+        # the conversation
+        self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
+        self.turns: list[tuple[str, str]] = [("user", turn.user)] if turn is not None else []
+        self.images: list[Any] = [turn.first] if turn is not None else []  # every image of the conversation, in order
+        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *turn.original.size)] if turn is not None else []
+        self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
+        # the sequence and the cache
+        self.ids: list[int] = []
+        self.positions = Positions()
+        self.spans: dict[int, torch.Tensor] = {}  # start index -> (n, H) input embeddings not the tokens' own
+        self.num_cached = 0
+        self.blocks: list[int] = []
+        self.pending_reencode: PendingReencode | None = None
+        self.pending_trace: PendingTrace | None = None
+        self.control: torch.Tensor | None = None  # control vector of the last action token
+        self.last_hidden: tuple[int, torch.Tensor] | None = None  # (index in ids, final hidden state)
+        self.logits: torch.Tensor | None = None  # next-token logits, pending a choice
+        # what it generated
         self.round = 0
         self.round_ids: list[int] = []
         self.generated: list[int] = []
@@ -80,43 +175,60 @@ class SequenceState:
         self.answer_ids: list[int] = []
         self.trace: list[PerceptionTrace] = []
         self.perception = None
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.logits: torch.Tensor | None = None  # next-token logits, pending a choice
-        self.last_hidden: tuple[int, torch.Tensor] | None = None  # (index in ids, final hidden state)
-        self.control: torch.Tensor | None = None  # control vector of the last action token fed
+        self.finish_reason: str | None = "error" if error is not None else None
+        self.error = error
+        self.logits_log: list[torch.Tensor] | None = [] if params.return_logits else None
         self.round_end_time = 0.0
+        if turn is not None:
+            self.append(turn.ids, positions)
 
-    # -- bookkeeping -------------------------------------------------------------------
+    # -- the sequence --------------------------------------------------------------------
 
-    @property
-    def next_position(self) -> int:
-        return self.prefix_max[-1] + 1 if self.prefix_max else 0
-
-    def appended(self, ids: list[int], positions: torch.Tensor) -> None:
-        """Record tokens written to the cache with their (3, T) positions."""
-        top = self.prefix_max[-1] if self.prefix_max else -1
-        for m in positions.max(dim=0).values.tolist():
-            top = max(top, m)
-            self.prefix_max.append(top)
+    def append(self, ids: list[int], positions: torch.Tensor | None) -> None:
+        """Add tokens (pending until fed); positions (3, n), or None for text after the sequence."""
+        if positions is None:
+            start = self.positions.next
+            positions = torch.arange(start, start + len(ids)).expand(3, -1)
         self.ids.extend(ids)
+        self.positions.extend(positions)
 
-    def rolled_back(self, length: int) -> None:
+    def append_token(self, token: int, embedding: torch.Tensor | None) -> None:
+        """Add one generated token, with its input embedding when it is not the token's own."""
+        if embedding is not None:
+            self.spans[len(self.ids)] = embedding[None]
+        self.ids.append(token)
+        self.positions.append_text()
+
+    def truncate(self, length: int) -> None:
+        """Forget everything from index `length` on (spans must not straddle the cut)."""
+        for start in [s for s in self.spans if s + self.spans[s].shape[0] > length]:
+            if start < length:
+                raise RuntimeError(f"request {self.id}: a cut at {length} falls inside the run at {start}")
+            del self.spans[start]
         del self.ids[length:]
-        del self.prefix_max[length:]
+        self.positions.truncate(length)
+        self.num_cached = min(self.num_cached, length)
         if self.last_hidden is not None and self.last_hidden[0] >= length:
             self.last_hidden = None
 
     @property
+    def pending(self) -> int:
+        return len(self.ids) - self.num_cached
+
+    # -- rounds --------------------------------------------------------------------------
+
+    @property
     def round_limit(self) -> int:
-        return self.round_limits[0 if self.round == 0 else 1]
+        return self.params.max_new_tokens if self.round == 0 else self.params.answer_limit
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         self.finish_reason = reason
+        if error is not None:
+            self.error = error
         self.logits = None
 
     def end_round(self) -> list[int]:
@@ -146,16 +258,17 @@ def back_out_of_runs(ids: list[int], cut: int, run_tokens: set[int]) -> int:
     return cut
 
 
-def count_image_runs(ids: list[int], image_pad: int) -> int:
-    runs, prev = 0, None
-    for t in ids:
-        if t == image_pad and prev != image_pad:
-            runs += 1
-        prev = t
-    return runs
-
-
-__all__ = [
-    "GenerationResult", "PerceptionTrace", "Segment", "SequenceState", "longest_common_prefix", "back_out_of_runs",
-    "count_image_runs",
-]
+def runs(ids: list[int], token: int, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of `token` that starts in ids[start:stop]."""
+    stop = len(ids) if stop is None else stop
+    out, i = [], start
+    while i < stop:
+        if ids[i] == token and (i == 0 or ids[i - 1] != token):
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out

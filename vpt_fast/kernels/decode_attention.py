@@ -1,9 +1,9 @@
-"""Triton decode attention over the engine's slot cache, lengths read on the device.
+"""Triton decode attention over a paged KV cache, lengths and block tables read on the device.
 
-One program per (sequence, query head): it walks the sequence's keys in blocks up
-to its length (a device value, so the launch is the same for every step and can be
-captured in a CUDA graph) with an online softmax in float32. Grouped-query
-attention maps query head h to key/value head h // groups.
+One program per (sequence, query head): it walks the sequence's keys in chunks up to its
+length (a device value, so the launch is the same for every step and can be captured in a
+CUDA graph), finds each key's block through the block table, and keeps an online softmax
+in float32. Grouped-query attention maps query head h to key/value head h // groups.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, cos_ptr, sin_ptr, scale,
-                             stride_qb, stride_qh, stride_cs, stride_cn, stride_ch, stride_ob, stride_oh,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cos_ptr, sin_ptr, scale,
+                             stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_ob, stride_oh, stride_tb, stride_tn,
                              GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_N: tl.constexpr, ROTATE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROTATE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUPS
-    slot = tl.load(slots_ptr + b).to(tl.int64)
     length = tl.load(lens_ptr + b)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
@@ -38,12 +37,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, 
     m_i = tl.full((), float("-inf"), tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    base = slot * stride_cs + kvh * stride_ch
+    table = tables_ptr + b.to(tl.int64) * stride_tb
     start = 0
     while start < length:  # a while loop: the bound is a device value, the same launch at every step
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < length
-        offs = base + n[:, None].to(tl.int64) * stride_cn + d[None, :]
+        block = tl.load(table + (n // BLOCK_SIZE) * stride_tn, mask=nmask, other=0).to(tl.int64)
+        rows = block * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kn + kvh * stride_kh
+        offs = rows[:, None] + d[None, :]
         mask2 = nmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
@@ -60,17 +61,20 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, lens_ptr, 
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float, cos: torch.Tensor | None = None,
                             sin: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, heads, D), rotated first by cos/sin (B, D) when given; caches (slots, max_len, kv_heads, D);
-    -> (B, heads, D) in q's dtype."""
+    """q (B, heads, D), rotated first by cos/sin (B, D) when given; caches (num_blocks, block_size,
+    kv_heads, D), contiguous in their last dimension; block_tables (B, M); -> (B, heads, D) in q's dtype."""
+    q = q.contiguous()
     B, heads, D = q.shape
     groups = heads // k_cache.shape[2]
     out = torch.empty_like(q)
     _decode_attention_kernel[(B, heads)](
-        q, k_cache, v_cache, out, slots, seq_lens, cos if cos is not None else q, sin if sin is not None else q, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        GROUPS=groups, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=64, ROTATE=cos is not None,
+        q, k_cache, v_cache, out, block_tables, seq_lens, cos if cos is not None else q, sin if sin is not None else q,
+        scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        out.stride(1), block_tables.stride(0), block_tables.stride(1),
+        GROUPS=groups, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=64, BLOCK_SIZE=k_cache.shape[1],
+        ROTATE=cos is not None,
     )
     return out

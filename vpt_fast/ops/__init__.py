@@ -6,6 +6,7 @@ from .decode_attention import decode_attention, decode_attention_reference
 from .kv_splice import kv_splice, kv_splice_reference
 from .mrope import mrope_positions
 from .norm import add_rms_norm, add_rms_norm_reference, silu_mul, silu_mul_reference
+from .prefill_attention import prefill_attention, prefill_attention_reference
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +20,8 @@ __all__ = [
     "kv_splice",
     "kv_splice_reference",
     "mrope_positions",
+    "prefill_attention",
+    "prefill_attention_reference",
     "resample_tables",
     "silu_mul",
     "silu_mul_reference",

@@ -1,0 +1,461 @@
+"""The single-pass VPT engine: continuous batching over a paged KV cache.
+
+Round 1 decodes as usual. When it ends, its output is parsed and the conversation the
+two-round reference would read next is spliced into the request's sequence (see
+`splice.py`); decoding goes on from there. The published model runs two inner passes at
+every step; one suffices here because attention is causal: a control vector is the final
+hidden state of the token before `<|X_action|>`, which the engine already has when it
+feeds that token.
+
+Requests join and leave at every step. One `step()`:
+1. prefills what became due: perception segments spliced at the last step, then waiting
+   requests (new ones, and preempted ones recomputed from their tokens) in arrival order
+   while blocks and batch room last: one vision-tower call, one encoder call per branch,
+   one ragged prefill for all;
+2. chooses the next token of every running request and decodes them in one step (a CUDA
+   graph per batch-size bucket); a request whose round ends gets its perception spliced
+   in (prefilled at the next step) or finishes;
+3. retires finished requests, giving their blocks back.
+When a running request needs a block and none is free, the youngest running request is
+preempted: its blocks are freed and it waits to be recomputed from its tokens, with the
+same inputs, so its result does not change. Nothing is lost and nothing crashes: a
+request that alone exceeds the cache or `max_seq_len` ends with `length` (or `no_room`
+for a perception segment) and a message.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
+from ..ops import mrope_positions
+from ..preprocess import load_image
+from ..prompt import body_of, check_user_text, first_turn, special_token_pattern
+from ..sampling import SamplingParams, check_batch, check_forced, sample
+from .cache import PagedKVCache
+from .decode import BUCKETS, DecodeStep
+from .runner import Runner
+from .segments import SegmentRunner
+from .splice import Splicer
+from .state import Event, FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, Request, Status, TokenEvent
+
+
+class Engine:
+    """Single-pass VPT generation over a loaded bundle (see `vpt_fast.from_pretrained`).
+
+    Step API (one caller at a time; `AsyncEngine` serves many threads and tasks):
+    `add_request` -> request id, `step()` -> events, `abort(id)`, `has_unfinished()`.
+    `generate` and `stream` run a batch to completion over it. Calls from several threads
+    take turns; a second call from a thread whose `stream()` is still open raises
+    RuntimeError.
+    """
+
+    def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
+                 cuda_graphs: bool | None = None, image_pipeline: str = "pil", kv_cache_tokens: int | None = None,
+                 kv_cache_gib: float | None = None, block_size: int = 16):
+        """max_seq_len: the most tokens one request's sequence may hold; max_batch_size: the
+        most requests running at once (decoded together); cuda_graphs: capture decode steps
+        (default: on when the model is on a CUDA device); image_pipeline: "pil" resizes
+        images with PIL on the host exactly as the two-round flow does, "device" uploads
+        each original image once and makes every crop's patches with `ops.crop_patch_embed`
+        on the model's device (within one 8-bit level of PIL's resampling, so greedy tokens
+        may differ). The KV cache holds kv_cache_tokens tokens, or as many as fit in
+        kv_cache_gib GiB (default: max(max_seq_len, 1024 * max_batch_size) tokens), in
+        blocks of block_size tokens; it is allocated here."""
+        if image_pipeline not in ("pil", "device"):
+            raise ValueError(f"image_pipeline must be 'pil' or 'device', got {image_pipeline!r}")
+        for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1),
+                                 ("block_size", block_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if max_batch_size > BUCKETS[-1]:
+            raise ValueError(f"max_batch_size must be an int in [1, {BUCKETS[-1]}], got {max_batch_size!r}")
+        self.bundle = bundle
+        self.runner = Runner(bundle.model)
+        try:
+            resolve_device(self.runner.device)
+            resolve_dtype(self.runner.dtype)
+        except ValueError as e:
+            raise ValueError(f"the model cannot run here: {e}") from None
+        text = bundle.model.config.text_config
+        if max_seq_len > text.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} is above the model's max_position_embeddings "
+                             f"{text.max_position_embeddings}")
+        self.image_pipeline = image_pipeline
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.cuda_graphs = self.runner.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.vocab = bundle.vocab
+        head_dim = text.hidden_size // text.num_attention_heads
+        tokens = _cache_tokens(kv_cache_tokens, kv_cache_gib, max_seq_len, max_batch_size,
+                               2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * self.runner.dtype.itemsize)
+        self.cache = PagedKVCache(text.num_hidden_layers, -(-tokens // block_size) + 1, block_size,
+                                  text.num_key_value_heads, head_dim, self.runner.dtype, self.device)
+        self.limit = min(max_seq_len, self.cache.capacity)  # the most tokens one sequence can hold
+        self._decoder = DecodeStep(self.runner, self.cache, self.cache.blocks_for(self.limit), self.cuda_graphs)
+        self._segments = SegmentRunner(bundle, self.runner, self.cache, image_pipeline)
+        self._splicer = Splicer(bundle, self.cache, max_seq_len)
+        self.two_pass = bundle.vpt_config.two_pass
+        self.start_to_action = bundle.vpt_config.start_to_action
+        self.action_ids = set(self.start_to_action.values())
+        self._specials = special_token_pattern(bundle.tokenizer)
+        self._vocab_size = text.vocab_size
+        self._waiting: list[Request] = []  # by arrival
+        self._running: list[Request] = []  # by arrival
+        self._done: list[Request] = []  # finished outside a step (failed checks, aborted): reported by the next step
+        self._requests: dict[int, Request] = {}  # every request not yet reported finished
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the engine for a call
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # ------------------------------------------------------------------ state, for callers and metrics
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.cache.num_used
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.cache.usable_blocks
+
+    def has_unfinished(self) -> bool:
+        """Whether a request added has not had its FinishEvent yet."""
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------ step API
+
+    def add_request(self, image, prompt: str, params: SamplingParams | None = None, forced_tokens=None) -> int:
+        """Queue one request; returns its id. An unusable image, prompt or forced tokens do not
+        raise: the request finishes with reason "error" and a message at the next step.
+        params: a `SamplingParams` (default: greedy, 64 tokens a round)."""
+        with self._one_call():
+            return self._add(image, prompt, params, forced_tokens)
+
+    def step(self) -> list[Event]:
+        """One scheduler iteration; returns the events it produced (tokens, perceptions, finishes)."""
+        with self._one_call():
+            return self._step()
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request now and give its blocks back; it finishes with reason "abort" at the
+        next step. False when it is unknown or already finished."""
+        with self._one_call():
+            return self._abort(request_id)
+
+    # ------------------------------------------------------------------ batch API
+
+    def generate(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, **kwargs) -> list[GenerationResult]:
+        """Answer a batch of requests; one GenerationResult per request, in order.
+
+        Same arguments as `stream`.
+        """
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for event in self.stream(images, prompts, max_new_tokens, forced_tokens, **kwargs):
+            if isinstance(event, FinishEvent):
+                results[event.request] = event.result
+        return results  # type: ignore[return-value]
+
+    def stream(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, *, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               answer_max_new_tokens: int | None = None, max_perception_rounds: int = 1,
+               return_logits: bool = False) -> Iterator[Event]:
+        """Generate, yielding tokens, perceptions and finished requests as they happen; events
+        name requests by their index in this call.
+
+        images / prompts / forced_tokens: one image (path or PIL) and one prompt (at most one
+        `<image>`) per request; forced_tokens[i] scripts the first round-1 tokens of request
+        i. The other arguments make one `SamplingParams` for every request (each sampled
+        request has its own generator seeded with `seed`). A request whose image, prompt or
+        forced tokens are unusable finishes with reason "error" and its message; the others
+        go on. The engine must have no request of the step API in flight.
+        """
+        params = SamplingParams(max_new_tokens=max_new_tokens, answer_max_new_tokens=answer_max_new_tokens,
+                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_perception_rounds=max_perception_rounds, return_logits=return_logits)
+        forced = check_batch(images, prompts, forced_tokens)
+        with self._one_call():
+            if self._requests:
+                raise RuntimeError(f"{len(self._requests)} request(s) added with add_request are in flight: drive them "
+                                   f"with step() first (generate and stream run a batch of their own)")
+            ids = [self._add(images[i], prompts[i], params, forced[i], name=f"request {i}") for i in range(len(prompts))]
+            index = {rid: i for i, rid in enumerate(ids)}
+            try:
+                while self._requests:
+                    for event in self._step():
+                        yield dataclasses.replace(event, request=index[event.request])
+            finally:
+                for rid in list(self._requests):  # a stream closed early: drop what it left
+                    self._abort(rid)
+                    del self._requests[rid]
+                self._done.clear()
+
+    @contextmanager
+    def _one_call(self):
+        """Hold the engine for one call: calls from other threads wait their turn; a call from
+        the thread already holding it (a stream() left open) is refused, as it could never
+        get its turn."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("this engine is already serving a generate/stream call in this thread (a stream() "
+                               "not finished or closed yet): finish or close that stream first, or use another Engine")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    # ------------------------------------------------------------------ requests
+
+    def _add(self, image, prompt, params, forced_tokens, name: str | None = None) -> int:
+        r = self._prepare(image, prompt, params, forced_tokens, name)
+        self._enqueue(r)
+        return r.id
+
+    def _prepare(self, image, prompt, params, forced_tokens, name: str | None = None) -> Request:
+        """A checked request, loaded and encoded; touches no scheduling state, so it may run in
+        any thread (the async front prepares requests in the submitting thread)."""
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        rid = next(self._ids)
+        name = name or f"request {rid}"
+        try:
+            forced = check_forced(forced_tokens, self._vocab_size)
+            check_user_text(prompt, self._specials)
+            turn = first_turn(self.bundle, load_image(image), prompt, self._specials)
+        except (OSError, ValueError, TypeError) as e:
+            return Request(rid, params, None, name=name, error=f"{name}: {e}")
+        positions, _ = mrope_positions(turn.ids, 0, [self.bundle.processor.grid_thw(turn.first)],
+                                       image_pad_id=self.vocab.image_pad,
+                                       spatial_merge_size=self.bundle.model.config.vision_config.spatial_merge_size)
+        r = Request(rid, params, forced, turn, positions, name=name)
+        if params.do_sample:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            r.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if len(r.ids) > self.limit:
+            what = (f"more than max_seq_len {self.max_seq_len}" if self.limit == self.max_seq_len
+                    else f"more than the KV cache holds ({self.cache.capacity})")
+            r.finish("length", f"{name}: the prompt has {len(r.ids)} tokens, {what}")
+        return r
+
+    def _enqueue(self, r: Request) -> None:
+        self._requests[r.id] = r
+        (self._done if r.finished else self._waiting).append(r)
+
+    def _abort(self, request_id: int) -> bool:
+        r = self._requests.get(request_id)
+        if r is None or r.finished:
+            return False
+        if r in self._running:
+            self._running.remove(r)
+        else:
+            self._waiting.remove(r)
+        self._release(r)
+        r.finish("abort", f"{r.name}: aborted")
+        self._done.append(r)
+        return True
+
+    def _drop_all(self) -> list[int]:
+        """Forget every request (after a failed step, whose state cannot be trusted); their ids."""
+        ids = list(self._requests)
+        self._requests.clear()
+        self._waiting.clear()
+        self._running.clear()
+        self._done.clear()
+        self.cache.reset()
+        return ids
+
+    def _release(self, r: Request) -> None:
+        self.cache.release(r.blocks)
+        r.blocks = []
+        r.num_cached = 0
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's blocks and queue it to be recomputed from its tokens."""
+        self._release(r)
+        r.logits = None
+        r.last_hidden = None
+        r.status = Status.WAITING
+        self._running.remove(r)
+        bisect.insort(self._waiting, r, key=lambda x: x.id)
+
+    def _reserve(self, r: Request, tokens: int) -> bool:
+        """Blocks for r's first `tokens` tokens, preempting the youngest running requests while
+        none are free; False when r itself was the youngest and was preempted."""
+        need = self.cache.blocks_for(tokens) - len(r.blocks)
+        while need > self.cache.num_free:
+            victim = next(v for v in reversed(self._running) if not v.finished)
+            self._preempt(victim)
+            if victim is r:
+                return False
+        if need > 0:
+            r.blocks += self.cache.allocate(need)
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self) -> list[Event]:
+        events: list[Event] = []
+        self._prefill(events)
+        self._decode(events)
+        self._retire(events)
+        return events
+
+    def _prefill(self, events: list[Event]) -> None:
+        jobs = [r for r in list(self._running) if r.pending and r.status is Status.RUNNING and self._reserve(r, len(r.ids))]
+        jobs = [r for r in jobs if r.status is Status.RUNNING]
+        while self._waiting and len(self._running) < self.max_batch_size:
+            r = self._waiting[0]
+            need = self.cache.blocks_for(len(r.ids))
+            if need > self.cache.num_free:
+                break
+            self._waiting.pop(0)
+            r.blocks = self.cache.allocate(need)
+            r.status = Status.RUNNING
+            bisect.insort(self._running, r, key=lambda x: x.id)
+            jobs.append(r)
+        if not jobs:
+            return
+        self._segments.run(jobs)
+        now = time.perf_counter()
+        for r in jobs:
+            pending = r.pending_trace
+            if pending is not None:
+                trace = PerceptionTrace(pending.kind, pending.cells, pending.boxes, pending.tokens, pending.rolled_back,
+                                        now - pending.round_end_time)
+                r.trace.append(trace)
+                r.pending_trace = None
+                events.append(PerceptionEvent(r.id, trace))
+
+    def _choose(self, ready: list[Request]) -> list[int]:
+        """The next token of each request: forced, sampled with its own generator, or greedy."""
+        scores = torch.stack([r.logits for r in ready])
+        for r, row in zip(ready, scores):
+            if r.logits_log is not None:
+                r.logits_log.append(row.detach().to("cpu", copy=True))
+        chosen = scores.argmax(-1).tolist()
+        for i, r in enumerate(ready):
+            step = len(r.round_ids)
+            if r.round == 0 and r.forced is not None and step < len(r.forced):
+                chosen[i] = r.forced[step]
+            elif r.params.do_sample:
+                p = r.params
+                chosen[i] = int(sample(scores[i : i + 1], True, p.top_k, p.top_p, r.generator, p.temperature))
+        return chosen
+
+    def _decode(self, events: list[Event]) -> None:
+        ready = [r for r in self._running if r.logits is not None]
+        if not ready:
+            return
+        feed = []
+        for r, t in zip(ready, self._choose(ready)):
+            r.logits = None
+            round_done = t == self.vocab.im_end or len(r.round_ids) + 1 >= r.round_limit
+            if not round_done:
+                action = self.start_to_action.get(r.ids[-1])
+                if action is not None:
+                    t = action  # the published decode forces <|X_action|> after <|X_action_start|>
+            r.round_ids.append(t)
+            r.generated.append(t)
+            events.append(TokenEvent(r.id, t, r.round))
+            if round_done:
+                self._splicer.close_round(r, "stop" if t == self.vocab.im_end else "length")
+                continue
+            if len(r.ids) >= self.limit:
+                what = f"max_seq_len ({self.max_seq_len})" if self.limit == self.max_seq_len else \
+                    f"what the KV cache holds ({self.cache.capacity} tokens)"
+                r.finish("length", f"{r.name}: the sequence reached {what}")
+                continue
+            control = None
+            if self.two_pass and t in self.action_ids:
+                if r.last_hidden is None or r.last_hidden[0] != len(r.ids) - 1:
+                    raise RuntimeError(f"request {r.id}: no hidden state for the token before its action token")
+                control = r.control = r.last_hidden[1]
+            r.append_token(t, control)
+            feed.append(r)
+        for r in ready:
+            if r.finished:  # its blocks serve the others' reservations below
+                self._release(r)
+        fed = [r for r in feed if r.status is Status.RUNNING and self._reserve(r, len(r.ids))]
+        fed = [r for r in fed if r.status is Status.RUNNING]
+        if not fed:
+            return
+        tokens, overrides, positions, slots, lens, tables = [], [], [], [], [], []
+        for r in fed:
+            n = len(r.ids)
+            span = r.spans.get(n - 1)
+            tokens.append(r.ids[-1])
+            overrides.append(span[0] if span is not None else None)
+            positions.append(int(r.positions.window(n - 1, n)[0, 0]))
+            slots.append(self.cache.slots(r.blocks, n - 1, n)[0])
+            lens.append(n)
+            tables.append(r.blocks)
+        logits, hidden = self._decoder(tokens, overrides, positions, slots, lens, tables)
+        for b, r in enumerate(fed):
+            r.num_cached = len(r.ids)
+            r.logits = logits[b]
+            r.last_hidden = (len(r.ids) - 1, hidden[b])
+
+    def _retire(self, events: list[Event]) -> None:
+        finished = self._done + [r for r in self._running if r.finished]
+        self._done = []
+        for r in finished:
+            if r in self._running:
+                self._running.remove(r)
+            self._release(r)
+            r.status = Status.FINISHED
+            del self._requests[r.id]
+            events.append(FinishEvent(r.id, self._result(r)))
+
+    # ------------------------------------------------------------------ results
+
+    def _result(self, r: Request) -> GenerationResult:
+        tok, eos = self.bundle.tokenizer, self.vocab.im_end
+        # a round cut short (a full sequence, an abort) has its ids in round_ids still
+        round1 = r.round1_ids + (r.round_ids if r.round == 0 else [])
+        answer = (r.round_ids or r.answer_ids) if r.round > 0 else []
+        shown = answer if r.round > 0 else round1
+        text = tok.decode(body_of(shown, eos), skip_special_tokens=True)
+        return GenerationResult(token_ids=list(r.generated), round1_ids=list(round1), answer_ids=list(answer), text=text,
+                                finish_reason=r.finish_reason or "length", trace=list(r.trace), perception=r.perception,
+                                error=r.error, logits=r.logits_log)
+
+
+def _cache_tokens(tokens: int | None, gib: float | None, max_seq_len: int, max_batch_size: int, per_token: int) -> int:
+    if tokens is not None and gib is not None:
+        raise ValueError("give kv_cache_tokens or kv_cache_gib, not both")
+    if gib is not None:
+        if not isinstance(gib, (int, float)) or isinstance(gib, bool) or not gib > 0:
+            raise ValueError(f"kv_cache_gib must be a positive number, got {gib!r}")
+        tokens = int(gib * 2**30) // per_token
+        if tokens < 1:
+            raise ValueError(f"kv_cache_gib {gib} holds no token ({per_token} bytes each)")
+        return tokens
+    if tokens is None:
+        return max(max_seq_len, 1024 * max_batch_size)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ValueError(f"kv_cache_tokens must be a positive int, got {tokens!r}")
+    return tokens

@@ -1,0 +1,163 @@
+"""Prefill of pending tokens: vision batching, device pixels, and one ragged prefill.
+
+Whatever a request holds that is not yet in the cache (a prompt, a spliced perception
+segment, a whole sequence after a preemption) is fed here. All images of all requests
+in one call go through one vision-tower call, each re-encoding branch runs once for all
+its requests, and the tokens of every request are packed into one ragged prefill. A
+request's tokens are cut before each action token whose input embedding is not known
+yet: it is the final hidden state of the token before it (VPT_SPEC 5), known once the
+piece before has run; the pieces of all requests run in lockstep.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..checkpoint import VPTBundle
+from ..ops import crop_patch_embed
+from ..perception import branch_features, project_features
+from ..preprocess import smart_resize, to_rgb
+from .cache import PagedKVCache
+from .runner import Runner
+from .state import Request, runs
+
+
+class SegmentRunner:
+    def __init__(self, bundle: VPTBundle, runner: Runner, cache: PagedKVCache, image_pipeline: str):
+        self.bundle = bundle
+        self.runner = runner
+        self.cache = cache
+        self.image_pipeline = image_pipeline
+        self.vocab = bundle.vocab
+        self.merge = bundle.model.config.vision_config.spatial_merge_size
+        self.two_pass = bundle.vpt_config.two_pass
+        self.action_ids = set(bundle.vpt_config.start_to_action.values()) if self.two_pass else set()
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # ------------------------------------------------------------------ features
+
+    def _pending_images(self, r: Request) -> list[tuple[int, int]]:
+        """(run start, image index) of the image runs among r's pending tokens that have no features yet."""
+        before = len(runs(r.ids, self.vocab.image_pad, 0, r.num_cached))
+        pending = runs(r.ids, self.vocab.image_pad, r.num_cached)
+        return [(start, before + k) for k, (start, _) in enumerate(pending) if start not in r.spans]
+
+    def _vision(self, requests: list[Request]) -> None:
+        """Features of every pending image of these requests, with one vision-tower call."""
+        wanted = [(r, start, k) for r in requests for start, k in self._pending_images(r)]
+        if not wanted:
+            return
+        if self.image_pipeline == "device":
+            pixels, grid = self._device_pixels([(r, k) for r, _, k in wanted])
+        else:
+            pixels, grid = self.bundle.processor.qwen_inputs([r.images[k] for r, _, k in wanted])
+        with torch.no_grad():
+            feats = self.bundle.model.model.visual(pixels.to(self.device, self.runner.dtype),
+                                                   grid_thw=grid.to(self.device)).pooler_output
+        sizes = (grid.prod(-1) // self.merge**2).tolist()
+        for (r, start, _), f in zip(wanted, torch.split(feats, sizes)):
+            r.spans[start] = f.to(self.runner.dtype)
+
+    def _device_pixels(self, wanted: list[tuple[Request, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch rows of images (request, image index) made on the device from each original image."""
+        q = self.bundle.processor.qwen
+        rows, grids = [], []
+        for r, k in wanted:
+            if r.device_image is None:
+                r.device_image = torch.from_numpy(np.array(to_rgb(r.turn.original))).to(self.device).contiguous()
+            capped = r.images[k]
+            out_hw = smart_resize(capped.height, capped.width, q.factor, q.min_pixels, q.max_pixels)
+            rows.append(crop_patch_embed(r.device_image, r.boxes[k], out_hw, mean=q.image_mean, std=q.image_std,
+                                         max_side=self.bundle.processor.max_side, patch_size=q.patch_size,
+                                         merge_size=q.merge_size, temporal_patch_size=q.temporal_patch_size))
+            grids.append([1, out_hw[0] // q.patch_size, out_hw[1] // q.patch_size])
+        return torch.cat(rows), torch.tensor(grids)
+
+    def _reencodes(self, requests: list[Request]) -> dict[int, torch.Tensor]:
+        """Encoder features of every pending re-encoding, by request id: one call per branch."""
+        out: dict[int, torch.Tensor] = {}
+        by_kind: dict[str, list[Request]] = {}
+        for r in requests:
+            if r.pending_reencode is not None:
+                by_kind.setdefault(r.pending_reencode.kind, []).append(r)
+        for kind, group in by_kind.items():
+            if kind == "clip":  # the clip branch re-encodes the first image: reuse its features
+                for r in group:
+                    out[r.id] = r.spans[runs(r.ids, self.vocab.image_pad)[0][0]]
+                continue
+            pixels = torch.cat([r.pending_reencode.model_input for r in group]).to(self.device, self.runner.dtype)
+            feats = branch_features(self.bundle, kind, pixels)
+            for j, r in enumerate(group):
+                out[r.id] = feats[j : j + 1]
+        return out
+
+    # ------------------------------------------------------------------ prefill
+
+    def _pieces(self, r: Request) -> list[tuple[int, int]]:
+        """Pending tokens of r cut before each action token with no input embedding yet."""
+        a, n = r.num_cached, len(r.ids)
+        cuts = [j for j in range(a, n) if r.ids[j] in self.action_ids and j not in r.spans]
+        bounds = sorted({a, *cuts, n})
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _embeds(self, r: Request, a: int, z: int, encoded: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Input embeddings of r's tokens a .. z - 1, settling the control vector and re-encoded
+        features that become known at this piece."""
+        if self.two_pass and r.ids[a] in self.action_ids and a not in r.spans:
+            if r.last_hidden is None or r.last_hidden[0] != a - 1:
+                raise RuntimeError(f"request {r.id}: no hidden state for the token before the action at {a}")
+            r.control = r.last_hidden[1]
+            r.spans[a] = r.control[None]
+        if r.pending_reencode is not None:
+            pad = self.vocab.actions[r.pending_reencode.kind].pad
+            for start, _ in runs(r.ids, pad, a, z):
+                if self.two_pass and r.control is None:
+                    raise RuntimeError(f"request {r.id}: re-encoding pads with no action token before them")
+                r.spans[start] = project_features(self.bundle, r.pending_reencode.kind, encoded[r.id],
+                                                  r.control if self.two_pass else None).to(self.runner.dtype)
+                r.pending_reencode = None
+        embeds = self.runner.embed(torch.tensor(r.ids[a:z], device=self.device))
+        for start, span in r.spans.items():
+            if a <= start < z:
+                embeds[start - a : start - a + span.shape[0]] = span
+        return embeds
+
+    @torch.no_grad()
+    def run(self, requests: list[Request]) -> None:
+        """Feed every pending token of these requests (each holds blocks for all its tokens).
+        Afterwards each has everything cached, its last hidden state and next-token logits."""
+        requests = [r for r in requests if r.pending]
+        if not requests:
+            return
+        self._vision(requests)
+        encoded = self._reencodes(requests)
+        pieces = {r.id: self._pieces(r) for r in requests}
+        for step in range(max(len(p) for p in pieces.values())):
+            batch = [r for r in requests if step < len(pieces[r.id])]
+            spans = [pieces[r.id][step] for r in batch]
+            embeds = torch.cat([self._embeds(r, a, z, encoded) for r, (a, z) in zip(batch, spans)])
+            positions = torch.cat([r.positions.window(a, z) for r, (a, z) in zip(batch, spans)], dim=1)
+            slot_mapping = [s for r, (a, z) in zip(batch, spans) for s in self.cache.slots(r.blocks, a, z)]
+            width = max(len(r.blocks) for r in batch)
+            tables = [r.blocks + [0] * (width - len(r.blocks)) for r in batch]
+            counts = [z - a for a, z in spans]
+            cu = np.cumsum([0] + counts).tolist()
+            to = dict(device=self.device, dtype=torch.long)
+            hidden = self.runner.prefill(embeds, positions.to(self.device), self.cache, torch.tensor(slot_mapping, **to),
+                                         torch.tensor(tables, **to), torch.tensor([z for _, z in spans], **to),
+                                         torch.tensor(cu, **to), max(counts))
+            last = hidden[torch.tensor(cu[1:], device=self.device) - 1]
+            done = []
+            for b, (r, (a, z)) in enumerate(zip(batch, spans)):
+                r.num_cached = z
+                r.last_hidden = (z - 1, last[b])
+                if step == len(pieces[r.id]) - 1:
+                    done.append(b)
+            if done:
+                logits = self.runner.logits(last[done])
+                for row, b in zip(logits, done):
+                    batch[b].logits = row

@@ -1,0 +1,85 @@
+"""The end of a round: finish the request, or splice its next perception into its sequence.
+
+When a round ends, its output is parsed (VPT_SPEC 7) and the conversation the two-round
+reference would read next is built. The request keeps the longest common prefix of what
+it holds with that conversation and rolls back the rest (nothing, when the round wrote
+exactly what round 2 re-reads; the blocks past the cut go back to the free list); the new
+segment (the crop or re-encoded image and the template around it) is appended with its
+positions, pending until the next prefill runs it (VPT_SPEC 9).
+"""
+
+from __future__ import annotations
+
+from .. import spec
+from ..checkpoint import VPTBundle
+from ..ops import mrope_positions
+from ..perception import plan_perception, unsupported_message
+from ..prompt import body_of, conversation, encode
+from .cache import PagedKVCache
+from .state import PendingReencode, PendingTrace, Request, back_out_of_runs, longest_common_prefix, runs
+
+
+class Splicer:
+    def __init__(self, bundle: VPTBundle, cache: PagedKVCache, max_seq_len: int):
+        self.bundle = bundle
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.vocab = bundle.vocab
+        self.reencode_pads = {a.pad for a in self.vocab.actions.values()}
+        self.run_tokens = {self.vocab.image_pad, *self.reencode_pads}
+        self.merge = bundle.model.config.vision_config.spatial_merge_size
+
+    def rollback(self, r: Request, length: int) -> None:
+        """Forget r's tokens from `length` on and give back the blocks past them."""
+        r.truncate(length)
+        keep = self.cache.blocks_for(length)
+        self.cache.release(r.blocks[keep:])
+        del r.blocks[keep:]
+
+    def close_round(self, r: Request, reason: str) -> None:
+        """End r's round ("stop" or "length"): finish it, or append its next perception segment."""
+        ids = r.end_round()
+        if r.round >= r.params.max_perception_rounds:
+            r.finish(reason)
+            return
+        body = body_of(ids, self.vocab.im_end)
+        perception = spec.parse_perception(body, self.vocab)
+        if r.round == 0:
+            r.perception = perception
+        try:
+            plan = plan_perception(self.bundle, perception, r.turn.original, r.turn.first, body)
+        except (OSError, ValueError, TypeError) as e:
+            r.finish("error", f"request {r.id}: the {perception.kind} perception could not be prepared: {e}")
+            return
+        if plan is None:
+            r.finish(reason)
+            return
+        if isinstance(plan, str):
+            r.finish(plan, unsupported_message(perception.kind, self.bundle.vpt_config) if plan.startswith("unsupported:") else None)
+            return
+
+        new_ids = encode(self.bundle.tokenizer, conversation(r.turns + plan.turns))
+        keep = back_out_of_runs(new_ids, longest_common_prefix(r.ids, new_ids), self.run_tokens)
+        limit = min(self.max_seq_len, self.cache.capacity)
+        if len(new_ids) > limit:
+            what = f"max_seq_len is {self.max_seq_len}" if limit == self.max_seq_len else f"the KV cache holds {limit}"
+            r.finish("no_room", f"request {r.id}: the perception segment needs {len(new_ids) - keep} tokens after "
+                                f"position {keep} ({len(new_ids)} in all); {what}")
+            return
+        if any(t in self.reencode_pads for t in r.ids[keep:]):
+            raise RuntimeError(f"request {r.id}: a rollback reached an earlier re-encoded image")
+        rolled = len(r.ids) - keep
+        self.rollback(r, keep)
+        r.turns += plan.turns
+        r.images += plan.images
+        if plan.kind == "region":
+            r.boxes += plan.boxes
+        first_new = len(runs(new_ids, self.vocab.image_pad, 0, keep))
+        segment = new_ids[keep:]
+        grids = [self.bundle.processor.grid_thw(image) for image in r.images[first_new:]]
+        positions, _ = mrope_positions(segment, r.positions.next, grids, image_pad_id=self.vocab.image_pad,
+                                       spatial_merge_size=self.merge)
+        r.append(segment, positions)
+        r.pending_reencode = PendingReencode(*plan.reencode) if plan.reencode is not None else None
+        r.pending_trace = PendingTrace(plan.kind, plan.cells, plan.boxes, len(segment), rolled, r.round_end_time)
+        r.round += 1
