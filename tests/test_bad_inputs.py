@@ -6,23 +6,15 @@ import threading
 import warnings
 import zlib
 
-import numpy as np
 import pytest
 from PIL import Image
+from vpt_cases import rand_image, toks
 
 import vpt_fast
 from vpt_fast.engine import Engine, FinishEvent
 from vpt_fast.reference import two_round_generate
 
 REGION = "<|region_token_start|><|x_2|><|x_4|><|y_5|><|region_token_end|><|im_end|>"
-
-
-def rand_image(w, h, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def toks(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def bomb_png(path, width, height):

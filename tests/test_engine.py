@@ -2,40 +2,15 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from paths import ORIGINAL
+from vpt_cases import action, rand_image, region, toks
 
 import vpt_fast
 from vpt_fast.engine import Engine, FinishEvent, TokenEvent
 from vpt_fast.prompt import conversation, encode, user_content, vision_span
 from vpt_fast.reference import two_round_generate
-
-PREFIX = {"clip": "clip", "dino": "detection", "sam": "seg"}
-
-
-def rand_image(w, h, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def toks(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def region(*blocks, eos=True):
-    out = ""
-    for xs, ys in blocks:
-        out += "<|region_token_start|>" + "".join(f"<|x_{x}|>" for x in xs) + "".join(f"<|y_{y}|>" for y in ys)
-        out += "<|region_token_end|>"
-    return out + ("<|im_end|>" if eos else "")
-
-
-def action(kind, eos=True):
-    p = PREFIX[kind]
-    return f"<|{p}_action_start|><|{p}_action|><|{p}_action_end|>" + ("<|im_end|>" if eos else "")
-
 
 def assert_same(ref, eng, tol=1e-4):
     assert eng.round1_ids == ref.round1_ids

@@ -225,6 +225,7 @@ class AsyncEngine:
                     self._cond.wait()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                self._waiting += len(inbox)  # in transit to the engine's queue: still counted against max_queue
                 if self._closing and not inbox and not engine.has_unfinished() and not self._handles:
                     return
             try:

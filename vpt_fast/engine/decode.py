@@ -49,11 +49,14 @@ class DecodeStep:
                 return b
         raise ValueError(f"a decode step takes at most {BUCKETS[-1]} sequences, got {n}")
 
-    def _body(self, buf: _Buffers) -> None:
+    def _body(self, buf: _Buffers, width: int | None = None) -> None:
+        """The step; `width` narrows the block tables to the columns in use (uncaptured steps only:
+        a captured step reads them all, its shapes fixed)."""
         embeds = self.runner.embed(buf.tokens)
         embeds = torch.where(buf.use_override.bool()[:, None], buf.override, embeds)
-        hidden = self.runner.decode(embeds, buf.position[None].expand(3, -1), self.cache, buf.slot_mapping,
-                                    buf.block_tables, buf.seq_lens)
+        tables = buf.block_tables if width is None else buf.block_tables[:, :width]
+        hidden = self.runner.decode(embeds, buf.position[None].expand(3, -1), self.cache, buf.slot_mapping, tables,
+                                    buf.seq_lens)
         buf.hidden.copy_(hidden)
         buf.logits.copy_(self.runner.logits(hidden))
 
@@ -107,5 +110,5 @@ class DecodeStep:
         if graph is not None:
             graph.replay()
         else:
-            self._body(buf)
+            self._body(buf, max(len(row) for row in block_tables))
         return buf.logits[:B].clone(), buf.hidden[:B].clone()

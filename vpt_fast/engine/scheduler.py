@@ -114,6 +114,7 @@ class Engine:
         self._done: list[Request] = []  # finished outside a step (failed checks, aborted): reported by the next step
         self._requests: dict[int, Request] = {}  # every request not yet reported finished
         self._ids = itertools.count()
+        self.num_preemptions = 0  # requests preempted so far (and recomputed later)
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the engine for a call
 
@@ -295,6 +296,7 @@ class Engine:
 
     def _preempt(self, r: Request) -> None:
         """Free r's blocks and queue it to be recomputed from its tokens."""
+        self.num_preemptions += 1
         self._release(r)
         r.logits = None
         r.last_hidden = None
