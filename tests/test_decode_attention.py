@@ -73,3 +73,21 @@ def test_decode_attention_errors():
         decode_attention(q, k, v, tables.float(), lens, 1.0)
     with pytest.raises(ValueError, match="cos and sin must both be"):
         decode_attention(q, k, v, tables, lens, 1.0, torch.randn(2, 8), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,block_size", [([1, 300, 4097], 16), ([33, 64], 64)])
+def test_decode_attention_on_gpu(dtype, lens, block_size):
+    g = torch.Generator().manual_seed(len(lens))
+    k, v, tables, seq_lens = paged_case(lens, block_size, 2, 128, g)
+    q = torch.randn(len(lens), 12, 128, generator=g)
+    cos, sin = torch.randn(len(lens), 128, generator=g), torch.randn(len(lens), 128, generator=g)
+    positions = [(b, n - 1) for b, n in enumerate(lens)]
+    exact = loop_attention(rotate(q, cos, sin), k, v, tables, seq_lens, 128**-0.5, positions)
+    cuda = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in (q, k, v, tables, seq_lens, cos, sin)]
+    qc, kc, vc, tc, lc, cc, sc = cuda
+    baseline = (decode_attention(qc, kc, vc, tc, lc, 128**-0.5, cc, sc, backend="torch").float().cpu() - exact).abs().max()
+    got = decode_attention(qc, kc, vc, tc, lc, 128**-0.5, cc, sc, backend="triton").float().cpu()
+    assert torch.isfinite(got).all()
+    assert (got - exact).abs().max() <= 2 * baseline + (1e-5 if dtype == torch.float32 else 1e-3)

@@ -66,3 +66,19 @@ def test_prefill_attention_errors():
         prefill_attention(q, k, v, tables, lens, torch.tensor([0, 4, 4]), 1.0)
     with pytest.raises(ValueError, match="head_dim 6 vs 8"):
         prefill_attention(torch.randn(4, 4, 6), k, v, tables, lens, torch.tensor([0, 2, 4]), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,new,block_size", [([700, 20, 1300], [350, 20, 1], 16), ([130], [130], 64)])
+def test_prefill_attention_on_gpu(dtype, lens, new, block_size):
+    g = torch.Generator().manual_seed(len(lens))
+    k, v, tables, seq_lens = paged_case(lens, block_size, 2, 128, g)
+    q, cu, positions = queries(lens, new, 12, 128, g)
+    exact = loop_attention(q, k, v, tables, seq_lens, 128**-0.5, positions)
+    qc, kc, vc = (t.to("cuda", dtype) for t in (q, k, v))
+    tc, lc, cuc = tables.cuda(), seq_lens.cuda(), cu.cuda()
+    baseline = (prefill_attention(qc, kc, vc, tc, lc, cuc, 128**-0.5, backend="torch").float().cpu() - exact).abs().max()
+    got = prefill_attention(qc, kc, vc, tc, lc, cuc, 128**-0.5, backend="triton").float().cpu()
+    assert torch.isfinite(got).all()
+    assert (got - exact).abs().max() <= 2 * baseline + (1e-5 if dtype == torch.float32 else 1e-3)

@@ -244,3 +244,21 @@ def test_a_stream_closed_early_leaves_the_engine_clean(tiny_bundle):
     stream.close()
     assert not engine.has_unfinished() and engine.kv_blocks_used == 0
     assert len(engine.generate([rand_image(50, 50)], ["A"], 4)) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["region", "clip"])
+def test_continuous_batching_on_gpu_with_graphs(tiny_ckpt, variant):
+    """On CUDA, captured decode steps and Triton attention: staggered requests equal their alone results
+    computed eagerly, and a cache too small for all of them preempts and recomputes the same."""
+    from vpt_fast.checkpoint import load_vpt_checkpoint
+
+    b = load_vpt_checkpoint(tiny_ckpt(variant), device="cuda")
+    params = SamplingParams(max_new_tokens=10, return_logits=True)
+    requests = requests_for(b, variant, params)
+    want = alone(b, requests, cuda_graphs=False)
+    for engine in (Engine(b, cuda_graphs=True), Engine(b, cuda_graphs=True, kv_cache_tokens=600, block_size=8)):
+        got, _ = staggered(engine, requests, seed=3)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_result(g, w, what=f"{variant} request {i}")
+        assert engine.kv_blocks_used == 0
