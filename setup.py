@@ -63,7 +63,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.17,<5.18",
+        "transformers>=5.17,<6",
         "tokenizers>=0.22",
         "safetensors",
         "pillow",
@@ -72,6 +72,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
+        "flash": ["flash-attn>=2.6"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["vpt-fast=vpt_fast.cli:main"]},

@@ -52,7 +52,9 @@ def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None
     from .checkpoint import VPTBundle, VPTConfig
     from .preprocess import QwenImageConfig, VPTImageProcessor
 
-    if not hasattr(hf_model, "model") or not hasattr(hf_model.model, "language_model") or not hasattr(hf_model, "lm_head"):
+    from . import _hf_compat
+
+    if not _hf_compat.is_qwen2_vl(hf_model):
         raise TypeError(f"accelerate expects a transformers Qwen2VLForConditionalGeneration, got {type(hf_model).__name__}")
     tokenizer = getattr(processor, "tokenizer", processor)
     if not hasattr(tokenizer, "get_vocab"):

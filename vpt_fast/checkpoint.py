@@ -1,4 +1,4 @@
-"""Loading VPT checkpoints (VPT_SPEC section 3) into transformers 5 modules.
+"""Loading VPT checkpoints (docs/vpt.md §3) into transformers 5 modules.
 
 Released checkpoints were written by transformers 4.45: a flat Qwen2-VL config with
 `model_type: "qwen2_vl_vpt"` plus the VPT fields, and weights with 4.45 key names
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import spec
+from . import _hf_compat, spec
 from .preprocess import QwenImageConfig, VPTImageProcessor
 from .projectors import ClipProjector, DetectionProjector, SegProjector
 
@@ -86,7 +86,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 @dataclass(frozen=True)
 class VPTConfig:
-    """The VPT fields of a checkpoint's config.json (VPT_SPEC 3)."""
+    """The VPT fields of a checkpoint's config.json (docs/vpt.md §3)."""
 
     detection_image_token_id: int | None = None
     detection_action_id: int | None = None
@@ -282,29 +282,6 @@ def _rename_base_key(key: str) -> str:
     return key
 
 
-_DINO_RENAMES = (
-    ("attention.attention.query.", "attention.q_proj."),
-    ("attention.attention.key.", "attention.k_proj."),
-    ("attention.attention.value.", "attention.v_proj."),
-    ("attention.output.dense.", "attention.o_proj."),
-)
-
-
-def _match_module_names(sd: dict[str, torch.Tensor], module: nn.Module, renames) -> dict[str, torch.Tensor]:
-    """Rename between the two DINOv2 attention namings, towards the module's own."""
-    own = set(module.state_dict())
-    if any(new in k for k in own for _, new in renames):
-        pairs = renames
-    else:
-        pairs = tuple((new, old) for old, new in renames)
-    out = {}
-    for k, v in sd.items():
-        for a, b in pairs:
-            k = k.replace(a, b)
-        out[k] = v
-    return out
-
-
 def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str, tied: tuple[str, ...] = ()) -> None:
     own = module.state_dict()
     missing = sorted(k for k in own if k not in sd and k not in tied)
@@ -323,9 +300,7 @@ def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str, tied: 
 
 def _build(factory):
     """Construct modules without spending time on random init (weights are loaded next)."""
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
+    with _hf_compat.no_init_weights():
         return factory()
 
 
@@ -392,8 +367,7 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torc
     unreadable JSON or weights, another model type, missing or unexpected weights
     (listed), a VPT branch without its weights, weights holding NaN or inf.
     """
-    from transformers import Dinov2Model, Qwen2VLForConditionalGeneration
-    from transformers.models.sam.modeling_sam import SamVisionEncoder
+    from transformers import Qwen2VLForConditionalGeneration
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = Path(path)
@@ -441,7 +415,7 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torc
     tied = ("lm_head.weight",) if qcfg.tie_word_embeddings and "lm_head.weight" not in groups["base"] else ()
     _load_into(model, groups["base"], "Qwen2-VL", tied)
     if tied or qcfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        model.lm_head.weight = _hf_compat.text_model(model).embed_tokens.weight
 
     encoders = set(vcfg.vision_encoder_ls)
     for name, kind in (("clip_projector", "clip"), ("detection_projector", "dino"), ("seg_projector", "sam")):
@@ -462,13 +436,14 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torc
         _load_into(bundle.clip_projector, groups["clip_projector"], "clip_projector")
     if "dino" in encoders:
         dcfg = _dinov2_config(cfg.get("vpt_detection_config"))
-        bundle.detection_model = _build(lambda: Dinov2Model(dcfg))
-        _load_into(bundle.detection_model, _match_module_names(groups["detection_model"], bundle.detection_model, _DINO_RENAMES), "detection_model (DINOv2)")
+        bundle.detection_model = _build(lambda: _hf_compat.dinov2_model(dcfg))
+        _load_into(bundle.detection_model, _hf_compat.match_dinov2_names(groups["detection_model"], bundle.detection_model),
+                   "detection_model (DINOv2)")
         bundle.detection_projector = _build(lambda: DetectionProjector(dcfg.hidden_size, hidden, vcfg.projector_scale))
         _load_into(bundle.detection_projector, groups["detection_projector"], "detection_projector")
     if "sam" in encoders:
         scfg = _sam_config(cfg.get("vpt_seg_config"))
-        bundle.seg_model = _build(lambda: SamVisionEncoder(scfg))
+        bundle.seg_model = _build(lambda: _hf_compat.sam_vision_encoder(scfg))
         _load_into(bundle.seg_model, groups["seg_model"], "seg_model (SAM vision encoder)")
         bundle.seg_projector = _build(lambda: SegProjector(scfg.output_channels, hidden, vcfg.projector_scale))
         _load_into(bundle.seg_projector, groups["seg_projector"], "seg_projector")

@@ -230,9 +230,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "device", "") is None:
         args.device = _default_device()
-    from transformers.utils import logging as hf_logging
+    from . import _hf_compat
 
-    hf_logging.set_verbosity_error()  # config-conversion notices are not for the person at the terminal
+    _hf_compat.quiet_transformers()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Conversation text and token ids, as the two-round flow builds them (VPT_SPEC 7).
+"""Conversation text and token ids, as the two-round flow builds them (docs/vpt.md §7).
 
 Shared by the reference pipeline and the engine: both must encode exactly the same
 conversation, so this is the one place that knows the template, the image spans and
@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from . import spec
+from . import _hf_compat, spec
 from .preprocess import load_image
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -25,8 +25,7 @@ IMAGE_PLACEHOLDER = "<image>"
 
 def special_token_pattern(tokenizer) -> re.Pattern:
     """A pattern matching the text of every special token the tokenizer parses out of text."""
-    texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    texts |= set(tokenizer.all_special_tokens)
+    texts = _hf_compat.special_token_texts(tokenizer)
     texts |= {spec.IM_START, spec.IM_END, spec.VISION_START, spec.VISION_END, spec.IMAGE_PAD}
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 

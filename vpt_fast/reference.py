@@ -1,6 +1,6 @@
 """The two-round VPT pipeline, faithful and slow: ground truth and baseline.
 
-This reproduces the published evaluation flow (VPT_SPEC 5-8) on transformers 5
+This reproduces the published evaluation flow (docs/vpt.md §5-8) on transformers 5
 modules: round 1 generates until `<|im_end|>`; its output is parsed; round 2 re-reads
 the whole conversation with the crop / re-encoded image and generates the answer.
 It keeps the published model's decode-time behaviour too: two inner LM passes at
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import spec
+from . import _hf_compat, spec
 from .checkpoint import VPTBundle
 from .perception import branch_features, plan_perception, project_features
 from .prompt import body_of, conversation, cut_at_eos, encode, first_turn, special_token_pattern
@@ -65,7 +65,7 @@ class _VPTStepper:
     def __init__(self, bundle: VPTBundle):
         self.b = bundle
         self.model = bundle.model
-        self.lm = bundle.model.model.language_model
+        self.lm = _hf_compat.text_model(bundle.model)
         self.vcfg = bundle.vpt_config
         self.cfg = bundle.model.config
         self.device = self.lm.embed_tokens.weight.device
@@ -82,7 +82,7 @@ class _VPTStepper:
     def vision_features(self, images: list, processor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Qwen2-VL vision tower over capped PIL images -> (one (N_i, H) tensor per image, grid_thw)."""
         pixels, grid = processor.qwen_inputs(images)
-        out = self.model.model.visual(pixels.to(self.device, self.dtype), grid_thw=grid.to(self.device)).pooler_output
+        out = _hf_compat.vision_features(self.model, pixels.to(self.device, self.dtype), grid.to(self.device))
         sizes = (grid.prod(-1) // self.cfg.vision_config.spatial_merge_size**2).tolist()
         return list(torch.split(out, sizes)), grid
 
@@ -92,11 +92,10 @@ class _VPTStepper:
         return branch_features(self.b, kind, model_input.to(self.device, self.dtype))
 
     def lm_pass(self, embeds, attention_mask, position_ids, cache):
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True).last_hidden_state
+        return _hf_compat.text_forward(self.lm, embeds, attention_mask, position_ids, cache)
 
     def forward(self, window_ids, embeds, reencode_rows, attention_mask, position_ids, cache, controls):
-        """One step of the VPT forward (VPT_SPEC 5) over a window of new tokens.
+        """One step of the VPT forward (docs/vpt.md §5) over a window of new tokens.
 
         window_ids (B, L); embeds (B, L, H) with image features already placed;
         reencode_rows: {row: (kind, features, pad positions)} for rows whose re-encoding
@@ -139,8 +138,7 @@ def _mrope_positions(model, ids: torch.Tensor, mask: torch.Tensor, image_token_i
     if grids is None:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return pos[None].expand(3, -1, -1).clone()
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grids, attention_mask=mask)
-    return pos
+    return _hf_compat.rope_index(model, ids, mm, grids, mask)
 
 
 @torch.no_grad()
@@ -180,9 +178,7 @@ def _generate(bundle: VPTBundle, rows: list[_Row], max_new_tokens: int, do_sampl
             reencode_rows[i] = (kind, st.reencode_features(kind, model_input), where)
     positions = _mrope_positions(bundle.model, ids, mask, vocab.image_pad, grids)
 
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=bundle.model.config.text_config)
+    cache = _hf_compat.dynamic_cache(bundle.model.config.text_config)
     controls: dict[int, torch.Tensor] = {}
     hidden, cache = st.forward(ids, embeds, reencode_rows, mask, positions, cache, controls)
     logits = bundle.model.lm_head(hidden[:, -1]).float()
@@ -227,7 +223,7 @@ def _generate(bundle: VPTBundle, rows: list[_Row], max_new_tokens: int, do_sampl
         recompute = any(int(ids[i, -1]) in st.action_kind for i in range(B))
         width = 2 if recompute else 1
         if recompute:
-            cache.crop(-1)
+            _hf_compat.crop_cache(cache, -1)
         window = ids[:, -width:]
         hidden, cache = st.forward(window, st.lm.embed_tokens(window), {}, mask, positions[:, :, -width:], cache, controls)
         logits = bundle.model.lm_head(hidden[:, -1]).float()

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from . import _hf_compat
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -68,8 +70,7 @@ def sample(scores: torch.Tensor, do_sample: bool, top_k, top_p, generator, tempe
     top-p as transformers applies them."""
     if not do_sample:
         return scores.argmax(-1)
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
+    TopKLogitsWarper, TopPLogitsWarper = _hf_compat.top_k_top_p_warpers()
     if temperature != 1.0:
         scores = scores / temperature
     if top_k:

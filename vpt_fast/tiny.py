@@ -106,8 +106,9 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
     variant: "region" (VPT tokens, no re-encoding branch, one inner pass), "clip",
     "dino" or "sam" (that branch plus region tokens, two inner passes).
     """
-    from transformers import Dinov2Config, Dinov2Model, Qwen2VLForConditionalGeneration, SamVisionConfig
-    from transformers.models.sam.modeling_sam import SamVisionEncoder
+    from transformers import Dinov2Config, Qwen2VLForConditionalGeneration, SamVisionConfig
+
+    from . import _hf_compat
 
     from .checkpoint import _qwen2vl_config
     from .projectors import ClipProjector, DetectionProjector, SegProjector
@@ -144,7 +145,7 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
     model = Qwen2VLForConditionalGeneration(_qwen2vl_config(config))
     _widen_(model, g)
     if tie_word_embeddings:
-        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        model.lm_head.weight = _hf_compat.text_model(model).embed_tokens.weight
     state = {_to_445_key(k): v for k, v in model.state_dict().items()}
     if tie_word_embeddings:
         del state["lm_head.weight"]
@@ -154,10 +155,12 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
         parts = {"clip_projector": ClipProjector(hidden)}
     elif variant == "dino":
         config["vpt_detection_config"] = dict(DINO)
-        parts = {"detection_model": Dinov2Model(Dinov2Config(**DINO)), "detection_projector": DetectionProjector(DINO["hidden_size"], hidden)}
+        parts = {"detection_model": _hf_compat.dinov2_model(Dinov2Config(**DINO)),
+                 "detection_projector": DetectionProjector(DINO["hidden_size"], hidden)}
     elif variant == "sam":
         config["vpt_seg_config"] = dict(SAM)
-        parts = {"seg_model": SamVisionEncoder(SamVisionConfig(**SAM)), "seg_projector": SegProjector(SAM["output_channels"], hidden)}
+        parts = {"seg_model": _hf_compat.sam_vision_encoder(SamVisionConfig(**SAM)),
+                 "seg_projector": SegProjector(SAM["output_channels"], hidden)}
     else:
         parts = {}
     for prefix, module in parts.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _hf_compat
 from ..ops import kv_splice
 from ..ops.decode_attention import decode_attention
 from ..ops.mrope import apply_rotary
@@ -23,7 +24,7 @@ from .cache import PagedKVCache
 
 class Runner:
     def __init__(self, hf_model):
-        text = hf_model.model.language_model
+        text = _hf_compat.text_model(hf_model)
         self.model = hf_model
         self.text = text
         cfg = text.config
@@ -34,7 +35,7 @@ class Runner:
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.eps = cfg.rms_norm_eps
-        self.rotary = text.rotary_emb
+        self.rotary = _hf_compat.rotary_embedding(text)
         self.lm_head = hf_model.lm_head
         if cfg.hidden_act != "silu":
             raise NotImplementedError(f"the runner implements Qwen2-VL's SiLU MLP, the model says {cfg.hidden_act!r}")
@@ -67,7 +68,7 @@ class Runner:
         residual = None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x, h = add_rms_norm(x, residual, layer.input_layernorm.weight, self.eps)
+            x, h = add_rms_norm(x, residual, layer.input_layernorm.weight, self.eps, check=False)
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(N, self.num_heads, self.head_dim)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(N, self.num_kv_heads, self.head_dim)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(N, self.num_kv_heads, self.head_dim)
@@ -75,10 +76,10 @@ class Runner:
             kv_splice(k, v, k_cache, v_cache, slot_mapping, cos, sin, check=False)
             o = attend(k_cache, v_cache, q, cos, sin)
             x, h = add_rms_norm(x, F.linear(o.reshape(N, self.num_heads * self.head_dim), attn.o_proj.weight),
-                                layer.post_attention_layernorm.weight, self.eps)
+                                layer.post_attention_layernorm.weight, self.eps, check=False)
             mlp = layer.mlp
-            residual = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
-        return add_rms_norm(x, residual, self.text.norm.weight, self.eps)[1]
+            residual = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h), check=False))
+        return add_rms_norm(x, residual, self.text.norm.weight, self.eps, check=False)[1]
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, slot_mapping: torch.Tensor,

@@ -5,7 +5,7 @@ segment, a whole sequence after a preemption) is fed here. All images of all req
 in one call go through one vision-tower call, each re-encoding branch runs once for all
 its requests, and the tokens of every request are packed into one ragged prefill. A
 request's tokens are cut before each action token whose input embedding is not known
-yet: it is the final hidden state of the token before it (VPT_SPEC 5), known once the
+yet: it is the final hidden state of the token before it (docs/vpt.md §5), known once the
 piece before has run; the pieces of all requests run in lockstep.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _hf_compat
 from ..checkpoint import VPTBundle
 from ..ops import crop_patch_embed
 from ..perception import branch_features, project_features
@@ -55,9 +56,7 @@ class SegmentRunner:
             pixels, grid = self._device_pixels([(r, k) for r, _, k in wanted])
         else:
             pixels, grid = self.bundle.processor.qwen_inputs([r.images[k] for r, _, k in wanted])
-        with torch.no_grad():
-            feats = self.bundle.model.model.visual(pixels.to(self.device, self.runner.dtype),
-                                                   grid_thw=grid.to(self.device)).pooler_output
+        feats = _hf_compat.vision_features(self.bundle.model, pixels.to(self.device, self.runner.dtype), grid.to(self.device))
         sizes = (grid.prod(-1) // self.merge**2).tolist()
         for (r, start, _), f in zip(wanted, torch.split(feats, sizes)):
             r.spans[start] = f.to(self.runner.dtype)
