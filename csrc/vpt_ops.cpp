@@ -1,4 +1,4 @@
-// vpt_fast_ext: the op schemas, their argument checks, and the CPU and Meta kernels.
+// vpt_fast_ext: the op schemas, their argument checks, and the CPU kernels.
 // The CUDA kernels of the same ops are in vpt_ops_cuda.cu.
 //
 // Both ops are defined by the plain torch references in vpt_fast/ops/ and tested against
@@ -219,12 +219,6 @@ void kv_splice_cpu(const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor&
   });
 }
 
-void kv_splice_meta(const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& cos,
-                    const std::optional<at::Tensor>& sin) {
-  check_kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin);
-}
-
 // ---------------------------------------------------------------------------------------------
 // crop_patch_rows
 
@@ -305,13 +299,6 @@ at::Tensor crop_patch_rows_cpu(const at::Tensor& image, const at::Tensor& iy, co
   return out;
 }
 
-at::Tensor crop_patch_rows_meta(const at::Tensor& image, const at::Tensor& iy, const at::Tensor& wy,
-                                const at::Tensor& ix, const at::Tensor& wx, const at::Tensor& mean,
-                                const at::Tensor& std, int64_t patch_size, int64_t merge_size, bool /*vertical_first*/) {
-  const int64_t rows = check_crop_patch_rows(image, iy, wy, ix, wx, mean, std, patch_size, merge_size);
-  return at::empty({rows, 3 * patch_size * patch_size}, image.options().dtype(at::kFloat));
-}
-
 }  // namespace
 }  // namespace vpt_fast
 
@@ -329,11 +316,8 @@ TORCH_LIBRARY_IMPL(vpt_fast_ext, CPU, m) {
   m.impl("crop_patch_rows", &vpt_fast::crop_patch_rows_cpu);
 }
 
-// Shape-only kernels, for fake tensors (torch.compile tracing) and the meta device.
-TORCH_LIBRARY_IMPL(vpt_fast_ext, Meta, m) {
-  m.impl("kv_splice", &vpt_fast::kv_splice_meta);
-  m.impl("crop_patch_rows", &vpt_fast::crop_patch_rows_meta);
-}
+// The shape-only (fake) kernels are registered in Python (vpt_fast/_ext.py), where symbolic
+// shapes work, for torch.compile tracing and the meta device.
 
 // Importing the module (vpt_fast._C when built by setup.py, vpt_fast_ext when built on first
 // use) runs the registrations above; the ops are then torch.ops.vpt_fast_ext.*.

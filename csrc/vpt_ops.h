@@ -1,4 +1,4 @@
-// Shared by the CPU, CUDA and Meta kernels of the vpt_fast_ext ops: the argument checks
+// Shared by the CPU and CUDA kernels of the vpt_fast_ext ops: the argument checks
 // (run before any launch, so a kernel never sees a shape it was not written for) and the
 // patch order of the Qwen2-VL image processor.
 #pragma once

@@ -1,4 +1,4 @@
-"""vpt_fast.checkpoint: released checkpoints (VPT_SPEC 3) into transformers 5 modules.
+"""vpt_fast.checkpoint: released checkpoints (docs/vpt.md §3) into transformers 5 modules.
 
 Round trips are checked against an independent path: a transformers Qwen2-VL model built
 here from a config written by hand from config.json, with the weights of the checkpoint file

@@ -1,4 +1,4 @@
-"""crop_patch_embed (torch backend) against the stock path: transformers' PIL Qwen2-VL image
+"""crop_patch_embed (torch and ext backends) against the stock path: transformers' PIL Qwen2-VL image
 processor applied to `preprocess.cap_image(original.crop(box))`, with PIL's resampling.
 
 The op rounds and clips each of its two resampling passes to an 8-bit level as PIL does, but
@@ -10,9 +10,6 @@ overshoot makes the clipping matter.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -20,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from op_cases import can_run, use_backend
+
 from vpt_fast import spec
-from vpt_fast.ops import BackendUnavailable, crop_patch_embed, crop_patch_rows_reference, resample_tables
-from vpt_fast.ops._dispatch import device_backends
-from vpt_fast.ops.crop_patch_embed import _cap_steps
+from vpt_fast.ops import crop_patch_embed, crop_patch_rows_torch, resample_tables
+from vpt_fast.ops.crop_patch_embed import IMPLEMENTATIONS, _cap_steps
 from vpt_fast.preprocess import CLIP_MEAN, CLIP_STD, cap_image, smart_resize
 
 LO, HI = 0, 255  # full range: bicubic overshoot is clipped as PIL clips it
@@ -94,26 +92,16 @@ CASES = {
 }
 
 
-def _cpu_backend(name: str) -> str:
-    """`name`, or a skip when it cannot run here (the C++ kernels are an optional build)."""
-    from vpt_fast.ops._dispatch import device_backends
-
-    status = device_backends("crop_patch_rows", "crop_patch_embed", "cpu")[name]
-    if status is not True:
-        pytest.skip(f"{name}: {status}")
-    return name
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "ext"])
 @pytest.mark.parametrize("kind", ["smooth", "noise"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_rows_match_stock_processor(processor, case, kind, backend):
-    backend = _cpu_backend(backend)
+def test_rows_match_stock_processor(processor, monkeypatch, case, kind, backend):
+    use_backend(monkeypatch, "crop_patch_rows", backend)
     height, width, box, max_side = CASES[case]
     box = box or (0, 0, width, height)
     original = _image(height, width, seed=len(case) * 7 + len(kind), kind=kind)
     stock, grid, out_hw = _stock(processor, original, box, max_side)
-    ours = crop_patch_embed(torch.from_numpy(original), box, out_hw, max_side=max_side, backend=backend)
+    ours = crop_patch_embed(torch.from_numpy(original), box, out_hw, max_side=max_side)
     assert grid.tolist() == [[1, out_hw[0] // 14, out_hw[1] // 14]]
     assert ours.shape == stock.shape and ours.dtype == torch.float32
     # the two temporal frames are the same picture
@@ -125,9 +113,9 @@ def test_rows_match_stock_processor(processor, case, kind, backend):
     assert float(diff.mean()) <= 0.5, f"mean |diff| {float(diff.mean()):.4f}/255"
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "ext"])
 @pytest.mark.parametrize("case", ["whole", "crop", "crop of a capped image"])
-def test_rows_equal_stock_exactly_without_resize(processor, case, backend):
+def test_rows_equal_stock_exactly_without_resize(processor, monkeypatch, case, backend):
     """Capped crop already at the processor's size (no NEAREST step, no BICUBIC resize): stock
     rounds nothing either, so the rows, layout included, agree to float32 rounding. Full 0..255
     range: without a resize nothing can overshoot."""
@@ -136,7 +124,8 @@ def test_rows_equal_stock_exactly_without_resize(processor, case, backend):
     original = _image(height, width, seed=5, kind="noise", lo=0, hi=255)
     stock, _, out_hw = _stock(processor, original, box)
     assert out_hw == (box[3] - box[1], box[2] - box[0])
-    ours = crop_patch_embed(torch.from_numpy(original), box, out_hw, backend=_cpu_backend(backend))
+    use_backend(monkeypatch, "crop_patch_rows", backend)
+    ours = crop_patch_embed(torch.from_numpy(original), box, out_hw)
     assert ours.shape == stock.shape
     err = (ours - stock).abs().max()
     assert float(err) <= 1e-6, f"max |diff| {float(err):.3g}"
@@ -210,30 +199,6 @@ def test_bicubic_taps(in_size, out_size):
         assert iy.shape[1] == 1 and torch.equal(iy[:, 0], torch.arange(x0, x0 + in_size, dtype=torch.int32))
 
 
-def test_reference_matches_a_direct_loop():
-    """crop_patch_rows_reference against the contract written out pixel by pixel (small case)."""
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=gen)
-    iy, wy, ix, wx = resample_tables(40, 50, (3, 2, 47, 39), (28, 56))
-    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
-    rows = crop_patch_rows_reference(image, iy, wy, ix, wx, mean, std, 14, 2)
-    img = image.double()
-    pil_round = lambda v: torch.floor(v + 0.5).clamp(0, 255)  # PIL ends each 8-bit pass this way
-    pixels = torch.zeros(28, 56, 3, dtype=torch.float64)
-    for i in range(iy.shape[1]):
-        row = torch.zeros(28, 56, 3, dtype=torch.float64)
-        for j in range(ix.shape[1]):
-            tap = img[iy[:, i].long()][:, ix[:, j].long()]  # (28, 56, 3)
-            row += wx[None, :, j, None].double() * tap
-        pixels += wy[:, i, None, None].double() * pil_round(row)
-    pixels = pil_round(pixels).permute(2, 0, 1)
-    pixels = (pixels / 255 - mean.double()[:, None, None]) / std.double()[:, None, None]
-    # processor order: merge groups (h/2, w/2), inside each the 2x2 patches row by row
-    expected = torch.stack([pixels[:, (gy * 2 + my) * 14:(gy * 2 + my + 1) * 14, (gx * 2 + mx) * 14:(gx * 2 + mx + 1) * 14].reshape(-1)
-                            for gy in range(1) for gx in range(2) for my in range(2) for mx in range(2)])
-    torch.testing.assert_close(rows.double(), expected, atol=1e-5, rtol=0)
-
-
 # ----------------------------------------------------------------------------- embeddings
 
 
@@ -254,7 +219,7 @@ def test_embeddings_match_conv3d_on_stock_rows(processor):
     box = (17, 33, 17 + 140, 33 + 84)
     stock, _, out_hw = _stock(processor, original, box)
     weight = _patch_weight()
-    ours = crop_patch_embed(torch.from_numpy(original), box, out_hw, weight=weight, backend="torch")
+    ours = crop_patch_embed(torch.from_numpy(original), box, out_hw, weight=weight)
     expected = _conv3d(stock, weight)
     assert ours.shape == expected.shape and ours.dtype == torch.float32
     scale = float(expected.abs().max())
@@ -269,8 +234,8 @@ def test_embeddings_match_conv3d_on_resized_rows(case):
     capped_w, capped_h = _cap_steps(box[2] - box[0], box[3] - box[1], max_side)[-1]
     out_hw = smart_resize(capped_h, capped_w, 28, MIN_PIXELS, MAX_PIXELS)
     weight = _patch_weight(seed=1)
-    rows = crop_patch_embed(original, box, out_hw, max_side=max_side, backend="torch")
-    ours = crop_patch_embed(original, box, out_hw, weight=weight, max_side=max_side, backend="torch")
+    rows = crop_patch_embed(original, box, out_hw, max_side=max_side)
+    ours = crop_patch_embed(original, box, out_hw, weight=weight, max_side=max_side)
     expected = _conv3d(rows, weight)
     assert float((ours - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
 
@@ -287,38 +252,13 @@ def test_embeddings_bf16_weight():
     capped_w, capped_h = _cap_steps(box[2] - box[0], box[3] - box[1], 512)[-1]
     out_hw = smart_resize(capped_h, capped_w, 28, MIN_PIXELS, MAX_PIXELS)
     weight = _patch_weight(embed_dim=64, seed=4).to(torch.bfloat16)
-    rows = crop_patch_embed(original, box, out_hw, backend="torch")
+    rows = crop_patch_embed(original, box, out_hw)
     exact = _conv3d(rows.double(), weight.double())
     baseline = (_conv3d(rows.to(torch.bfloat16), weight).double() - exact).abs().max()
-    ours = crop_patch_embed(original, box, out_hw, weight=weight, backend="torch")
+    ours = crop_patch_embed(original, box, out_hw, weight=weight)
     assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape
     err = (ours.double() - exact).abs().max()
     assert float(err) <= BF16_FACTOR * float(baseline), f"bf16 error {float(err):.3g} vs Conv3d-in-bf16 {float(baseline):.3g}"
-
-
-# ----------------------------------------------------------------------------- registration
-
-
-def test_custom_op_registration():
-    """vpt_fast::crop_patch_rows passes torch.library's checks (schema, fake tensor, dispatch)."""
-    image = torch.randint(0, 256, (30, 70, 3), dtype=torch.uint8)
-    iy, wy, ix, wx = resample_tables(30, 70, (2, 1, 69, 30), (28, 56))
-    args = (image, iy, wy, ix, wx, torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD), 14, 2, "torch")
-    torch.library.opcheck(torch.ops.vpt_fast.crop_patch_rows.default, args)
-
-
-def test_crop_patch_embed_compiles():
-    image = torch.randint(0, 256, (30, 70, 3), dtype=torch.uint8)
-    iy, wy, ix, wx = resample_tables(30, 70, (2, 1, 69, 30), (28, 56))
-    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
-
-    def embed(image, weight):
-        rows = torch.ops.vpt_fast.crop_patch_rows(image, iy, wy, ix, wx, mean, std, 14, 2, "torch")
-        return rows @ weight
-
-    weight = torch.randn(588, 8)
-    compiled = torch.compile(embed, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(image, weight), embed(image, weight))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -360,44 +300,10 @@ def test_errors(case):
         crop_patch_embed(args.pop("image"), args.pop("box"), args.pop("out_hw"), **args)
 
 
-def test_backend_errors(monkeypatch):
-    monkeypatch.delenv("VPT_FAST_BACKEND", raising=False)
-    args = _ok()
-    with pytest.raises(BackendUnavailable, match=r"'cuda' was requested.*on cpu"):
-        crop_patch_embed(**args, backend="cuda")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        crop_patch_embed(**args, backend="opencl")
-    monkeypatch.setenv("VPT_FAST_BACKEND", "cuda")
-    with pytest.raises(BackendUnavailable, match="'cuda'"):
-        crop_patch_embed(**args)
-    assert crop_patch_embed(**args, backend="torch").shape == (24, 1176)
-
-
-def test_automatic_backend_on_cpu_is_never_triton(monkeypatch):
-    """Triton's interpreter can run the kernel on CPU tensors, but only when asked by name."""
-    from vpt_fast.ops import _dispatch
-
-    module = importlib.import_module("vpt_fast.ops.crop_patch_embed")  # the name alone is the function
-
-    def refuse(*args):
-        raise AssertionError("the triton backend was chosen automatically on CPU tensors")
-
-    def unavailable(*args):
-        return "not here"
-
-    monkeypatch.delenv("VPT_FAST_BACKEND", raising=False)
-    monkeypatch.setattr(_dispatch, "triton_status", lambda *args: True)
-    monkeypatch.setattr(_dispatch, "extension_status", unavailable)
-    monkeypatch.setitem(module._IMPLEMENTATIONS, "triton", refuse)
-    assert crop_patch_embed(**_ok()).shape == (24, 1176)
-    with pytest.raises(AssertionError, match="chosen automatically"):
-        crop_patch_embed(**_ok(), backend="triton")
-
-
 def test_pass_order_follows_pillow():
     """Pillow 13 starts with its vertical pass when the height shrinks by more than twice the width;
     the op must nest its rounded sums the same way, on every backend."""
-    from vpt_fast.ops.crop_patch_embed import crop_patch_rows_reference, pil_vertical_first
+    from vpt_fast.ops.crop_patch_embed import pil_vertical_first
 
     gen = torch.Generator().manual_seed(11)
     image = torch.randint(0, 256, (90, 70, 3), dtype=torch.uint8, generator=gen)
@@ -408,18 +314,15 @@ def test_pass_order_follows_pillow():
 
     assert pil_vertical_first((89, 67), (28, 56)) == (int(PIL.__version__.split(".")[0]) >= 13)
     assert not pil_vertical_first((28, 56), (56, 112))
-    ordered = {vf: crop_patch_rows_reference(image, iy, wy, ix, wx, mean, std, 14, 2, vf) for vf in (False, True)}
+    ordered = {vf: crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, 14, 2, vf) for vf in (False, True)}
     assert not torch.equal(ordered[False], ordered[True])  # the order is visible on full-range content
     stock, _, out_hw = _stock(Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), image.numpy(), box)
-    ours = crop_patch_embed(image, box, out_hw, backend="torch")
+    ours = crop_patch_embed(image, box, out_hw)
     diff = (_unnormalized(ours) - _unnormalized(stock)).abs() * 255
     assert float(diff.max()) <= 2.0 and float(diff.mean()) <= 0.5
-    for vf in (False, True):
-        if device_backends("crop_patch_rows", "crop_patch_embed", "cpu")["cpp"] is True:
-            got = torch.ops.vpt_fast.crop_patch_rows(image, iy, wy, ix, wx, mean, std, 14, 2, "cpp", vf)
-            assert (got - ordered[vf]).abs().max() <= 1e-5, ("cpp", vf)
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            from vpt_fast.kernels.crop_patch_embed import crop_patch_rows_triton
-
-            got = crop_patch_rows_triton(image, iy, wy, ix, wx, mean, std, 14, 2, vf)
-            assert (got - ordered[vf]).abs().max() <= 1e-5, ("triton", vf)
+    for backend in ("ext", "triton"):
+        if can_run("crop_patch_rows", backend) is not True:
+            continue
+        for vf in (False, True):
+            got = IMPLEMENTATIONS[backend](image, iy, wy, ix, wx, mean, std, 14, 2, vf)
+            assert (got - ordered[vf]).abs().max() <= 1e-5, (backend, vf)

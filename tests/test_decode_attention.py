@@ -1,20 +1,19 @@
 """decode_attention over a paged cache: every backend against a per-query loop, on scattered
 blocks whose stale entries are NaN; error paths."""
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # the Triton kernels run on the CPU through the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from attention_cases import loop_attention, paged_case, rotate
+from op_cases import can_run, runnable, use_backend
 
-from vpt_fast.ops.decode_attention import decode_attention
+from vpt_fast.ops.decode_attention import IMPLEMENTATIONS, decode_attention
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton"))]
+BACKENDS = ["torch", "triton"]
+
+
+def implementation(backend: str, device_type: str = "cpu"):
+    runnable("decode_attention", backend, device_type)
+    return IMPLEMENTATIONS[backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -30,12 +29,12 @@ def test_decode_attention_matches_a_loop(backend, heads, kv_heads, dim, block_si
     q = torch.randn(len(lens), heads, dim, generator=g)
     scale = dim**-0.5
     want = loop_attention(q, k, v, tables, seq_lens, scale, [(b, n - 1) for b, n in enumerate(lens)])
-    got = decode_attention(q, k, v, tables, seq_lens, scale, backend=backend)
+    got = implementation(backend)(q, k, v, tables, seq_lens, scale)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 1e-5
     cos, sin = torch.randn(len(lens), dim, generator=g), torch.randn(len(lens), dim, generator=g)
     want = loop_attention(rotate(q, cos, sin), k, v, tables, seq_lens, scale, [(b, n - 1) for b, n in enumerate(lens)])
-    got = decode_attention(q, k, v, tables, seq_lens, scale, cos, sin, backend=backend)
+    got = implementation(backend)(q, k, v, tables, seq_lens, scale, cos, sin)
     assert (got - want).abs().max() <= 1e-5
 
 
@@ -48,9 +47,29 @@ def test_decode_attention_bf16_error_within_torch_bf16_error(backend):
     positions = [(b, n - 1) for b, n in enumerate(lens)]
     exact = loop_attention(q, k, v, tables, seq_lens, 0.25, positions)
     k16, v16, q16 = k.bfloat16(), v.bfloat16(), q.bfloat16()
-    baseline = (decode_attention(q16, k16, v16, tables, seq_lens, 0.25, backend="torch").float() - exact).abs().max()
-    err = (decode_attention(q16, k16, v16, tables, seq_lens, 0.25, backend=backend).float() - exact).abs().max()
+    baseline = (IMPLEMENTATIONS["torch"](q16, k16, v16, tables, seq_lens, 0.25).float() - exact).abs().max()
+    err = (implementation(backend)(q16, k16, v16, tables, seq_lens, 0.25).float() - exact).abs().max()
     assert err <= 2 * baseline + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_op_runs_the_chosen_backend(monkeypatch, backend):
+    use_backend(monkeypatch, "decode_attention", backend)
+    g = torch.Generator().manual_seed(2)
+    k, v, tables, seq_lens = paged_case([3, 9], 4, 2, 16, g)
+    q = torch.randn(2, 4, 16, generator=g)
+    want = loop_attention(q, k, v, tables, seq_lens, 0.25, [(0, 2), (1, 8)])
+    assert (decode_attention(q, k, v, tables, seq_lens, 0.25) - want).abs().max() <= 1e-5
+
+
+def test_opcheck():
+    """Schema, fake tensors and AOT dispatch of the torch backend (Triton's interpreter cannot run on
+    fake tensors: the Triton backend is checked on the GPU)."""
+    g = torch.Generator().manual_seed(3)
+    k, v, tables, seq_lens = paged_case([3, 9], 4, 2, 16, g)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    q, cos, sin = torch.randn(2, 4, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    torch.library.opcheck(torch.ops.vpt_fast.decode_attention.default, (q, k, v, tables, seq_lens, 0.25, cos, sin))
 
 
 def test_decode_attention_errors():
@@ -87,7 +106,27 @@ def test_decode_attention_on_gpu(dtype, lens, block_size):
     exact = loop_attention(rotate(q, cos, sin), k, v, tables, seq_lens, 128**-0.5, positions)
     cuda = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in (q, k, v, tables, seq_lens, cos, sin)]
     qc, kc, vc, tc, lc, cc, sc = cuda
-    baseline = (decode_attention(qc, kc, vc, tc, lc, 128**-0.5, cc, sc, backend="torch").float().cpu() - exact).abs().max()
-    got = decode_attention(qc, kc, vc, tc, lc, 128**-0.5, cc, sc, backend="triton").float().cpu()
+    baseline = (IMPLEMENTATIONS["torch"](qc, kc, vc, tc, lc, 128**-0.5, cc, sc).float().cpu() - exact).abs().max()
+    got = implementation("triton", "cuda")(qc, kc, vc, tc, lc, 128**-0.5, cc, sc).float().cpu()
     assert torch.isfinite(got).all()
     assert (got - exact).abs().max() <= 2 * baseline + (1e-5 if dtype == torch.float32 else 1e-3)
+    torch.library.opcheck(torch.ops.vpt_fast.decode_attention.default, (qc, kc.nan_to_num(0.0), vc.nan_to_num(0.0), tc, lc,
+                                                                       128**-0.5, cc, sc))
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attn_when_installed():
+    """flash-attn's paged decode (blocks of 256) against the loop; skipped, with the reason, where the
+    package is not installed."""
+    status = can_run("decode_attention", "flash_attn", "cuda")
+    if status is not True:
+        pytest.skip(str(status))
+    g = torch.Generator().manual_seed(5)
+    lens = [1, 300, 700]
+    k, v, tables, seq_lens = paged_case(lens, 256, 2, 128, g)
+    q = torch.randn(len(lens), 12, 128, generator=g)
+    exact = loop_attention(q, k, v, tables, seq_lens, 128**-0.5, [(b, n - 1) for b, n in enumerate(lens)])
+    qc, kc, vc = (t.to("cuda", torch.bfloat16) for t in (q, k.nan_to_num(0.0), v.nan_to_num(0.0)))
+    baseline = (IMPLEMENTATIONS["torch"](qc, kc, vc, tables.cuda(), seq_lens.cuda(), 128**-0.5).float().cpu() - exact).abs().max()
+    got = IMPLEMENTATIONS["flash_attn"](qc, kc, vc, tables.cuda(), seq_lens.cuda(), 128**-0.5).float().cpu()
+    assert (got - exact).abs().max() <= 2 * baseline + 1e-3

@@ -1,4 +1,4 @@
-"""The single-pass engine against the two-round reference (VPT_SPEC 9)."""
+"""The single-pass engine against the two-round reference (docs/vpt.md §9)."""
 
 import json
 

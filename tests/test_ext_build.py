@@ -4,6 +4,7 @@ and a process killed while compiling the extension never blocks the next one."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vpt_fast import _ext
 from vpt_fast._cache import build_once, cache_dir
@@ -102,7 +104,30 @@ def _toolchain() -> str | None:
         verify_ninja_availability()
     except RuntimeError:
         return "ninja is not installed"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler})"
     return None
+
+
+@pytest.mark.skipif(_toolchain() is not None, reason="no toolchain to build the extension with")
+def test_the_extension_builds_and_reports(monkeypatch):
+    """Where ninja and a compiler exist the extension must load (the op tests skip its backend
+    otherwise, so a broken build fails here)."""
+    if _ext.disabled():
+        pytest.skip("the extension is disabled by VPT_FAST_NO_EXT")
+    ops = _ext.load()
+    assert ops is not None, _ext.available("cpu")
+    assert _ext.available("cpu") is True and _ext.load() is ops and _ext.source_dir() is not None
+    cuda = _ext.available("cuda")
+    assert cuda is True or (isinstance(cuda, str) and cuda.startswith("built without CUDA"))
+    if torch.version.cuda is None:
+        assert cuda == "built without CUDA (torch has no CUDA)"
+    assert isinstance(_ext.available("mps"), str)
+    monkeypatch.setenv("VPT_FAST_NO_EXT", "1")
+    assert _ext.load() is None and _ext.available("cpu") == "disabled by VPT_FAST_NO_EXT"
+    monkeypatch.setenv("VPT_FAST_NO_EXT", "0")
+    assert _ext.available("cpu") is True
 
 
 @pytest.mark.skipif(_toolchain() is not None, reason="no ninja to build the extension with")

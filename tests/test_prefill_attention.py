@@ -1,20 +1,19 @@
 """prefill_attention: causal attention of a ragged batch of new tokens over a paged cache, every
 backend against a per-query loop; error paths."""
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # the Triton kernels run on the CPU through the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from attention_cases import loop_attention, paged_case
+from op_cases import runnable, use_backend
 
-from vpt_fast.ops.prefill_attention import prefill_attention
+from vpt_fast.ops.prefill_attention import IMPLEMENTATIONS, prefill_attention
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton"))]
+BACKENDS = ["torch", "triton"]
+
+
+def implementation(backend: str, device_type: str = "cpu"):
+    runnable("prefill_attention", backend, device_type)
+    return IMPLEMENTATIONS[backend]
 
 
 def queries(lens, new, heads, dim, gen):
@@ -36,7 +35,7 @@ def test_prefill_attention_matches_a_loop(backend, heads, kv_heads, dim, block_s
     k, v, tables, seq_lens = paged_case(lens, block_size, kv_heads, dim, g)
     q, cu, positions = queries(lens, new, heads, dim, g)
     want = loop_attention(q, k, v, tables, seq_lens, dim**-0.5, positions)
-    got = prefill_attention(q, k, v, tables, seq_lens, cu, dim**-0.5, backend=backend)
+    got = implementation(backend)(q, k, v, tables, seq_lens, cu, dim**-0.5, max(new))
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 1e-5, (got - want).abs().amax(dim=(1, 2)).nonzero()[:8].flatten().tolist()
 
@@ -49,9 +48,31 @@ def test_prefill_attention_bf16_error_within_torch_bf16_error(backend):
     q, cu, positions = queries(lens, new, 4, 16, g)
     exact = loop_attention(q, k, v, tables, seq_lens, 0.25, positions)
     k16, v16, q16 = k.bfloat16(), v.bfloat16(), q.bfloat16()
-    baseline = (prefill_attention(q16, k16, v16, tables, seq_lens, cu, 0.25, backend="torch").float() - exact).abs().max()
-    err = (prefill_attention(q16, k16, v16, tables, seq_lens, cu, 0.25, backend=backend).float() - exact).abs().max()
+    baseline = (IMPLEMENTATIONS["torch"](q16, k16, v16, tables, seq_lens, cu, 0.25).float() - exact).abs().max()
+    err = (implementation(backend)(q16, k16, v16, tables, seq_lens, cu, 0.25, max(new)).float() - exact).abs().max()
     assert err <= 2 * baseline + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_op_runs_the_chosen_backend(monkeypatch, backend):
+    use_backend(monkeypatch, "prefill_attention", backend)
+    g = torch.Generator().manual_seed(2)
+    lens, new = [5, 12], [5, 4]
+    k, v, tables, seq_lens = paged_case(lens, 4, 2, 16, g)
+    q, cu, positions = queries(lens, new, 4, 16, g)
+    want = loop_attention(q, k, v, tables, seq_lens, 0.25, positions)
+    assert (prefill_attention(q, k, v, tables, seq_lens, cu, 0.25) - want).abs().max() <= 1e-5
+
+
+def test_opcheck():
+    """Schema, fake tensors and AOT dispatch of the torch backend (Triton's interpreter cannot run on
+    fake tensors: the Triton backend is checked on the GPU)."""
+    g = torch.Generator().manual_seed(3)
+    lens, new = [5, 12], [5, 4]
+    k, v, tables, seq_lens = paged_case(lens, 4, 2, 16, g)
+    q, cu, _ = queries(lens, new, 4, 16, g)
+    torch.library.opcheck(torch.ops.vpt_fast.prefill_attention.default,
+                          (q, k.nan_to_num(0.0), v.nan_to_num(0.0), tables, seq_lens, cu, 0.25, 5))
 
 
 def test_prefill_attention_errors():
@@ -78,7 +99,9 @@ def test_prefill_attention_on_gpu(dtype, lens, new, block_size):
     exact = loop_attention(q, k, v, tables, seq_lens, 128**-0.5, positions)
     qc, kc, vc = (t.to("cuda", dtype) for t in (q, k, v))
     tc, lc, cuc = tables.cuda(), seq_lens.cuda(), cu.cuda()
-    baseline = (prefill_attention(qc, kc, vc, tc, lc, cuc, 128**-0.5, backend="torch").float().cpu() - exact).abs().max()
-    got = prefill_attention(qc, kc, vc, tc, lc, cuc, 128**-0.5, backend="triton").float().cpu()
+    baseline = (IMPLEMENTATIONS["torch"](qc, kc, vc, tc, lc, cuc, 128**-0.5).float().cpu() - exact).abs().max()
+    got = implementation("triton", "cuda")(qc, kc, vc, tc, lc, cuc, 128**-0.5, max(new)).float().cpu()
     assert torch.isfinite(got).all()
     assert (got - exact).abs().max() <= 2 * baseline + (1e-5 if dtype == torch.float32 else 1e-3)
+    torch.library.opcheck(torch.ops.vpt_fast.prefill_attention.default,
+                          (qc, kc.nan_to_num(0.0), vc.nan_to_num(0.0), tc, lc, cuc, 128**-0.5, max(new)))

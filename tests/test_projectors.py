@@ -1,4 +1,4 @@
-"""The three VPT projectors against a direct computation of VPT_SPEC section 4.
+"""The three VPT projectors against a direct computation of docs/vpt.md §4.
 
 The reference below is written with explicit tensor operations in float64 (layer norm from
 its mean/variance formula, matrix products, the 4x4 stride-4 convolution as a loop over

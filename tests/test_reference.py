@@ -134,7 +134,7 @@ def test_round2_prompt_region_one_and_several(tiny_bundle):
 
 
 def spec6_positions(ids, image_pad, vision_start, grids, merge=2):
-    """VPT_SPEC 6 written out directly: text +1; an image run after <|vision_start|> gets (s+t, s+h, s+w)."""
+    """docs/vpt.md §6 written out directly: text +1; an image run after <|vision_start|> gets (s+t, s+h, s+w)."""
     pos, p, i, g = [], 0, 0, iter(grids)
     while i < len(ids):
         if ids[i] == image_pad and i > 0 and ids[i - 1] == vision_start:
@@ -176,7 +176,7 @@ def test_round2_positions_follow_spec6_and_stock(tiny_bundle, variant):
 
 
 def independent_two_pass_logits(b, ids, image, kind):
-    """VPT_SPEC 5 over a full sequence without any cache: control = hidden at the action start."""
+    """docs/vpt.md §5 over a full sequence without any cache: control = hidden at the action start."""
     lm, model, v = b.model.model.language_model, b.model, b.vocab
     ids_t = torch.tensor([ids])
     with torch.no_grad():
@@ -197,7 +197,7 @@ def independent_two_pass_logits(b, ids, image, kind):
 
 @pytest.mark.parametrize("variant", ["clip", "dino", "sam"])
 def test_decode_recompute_uses_control_vector(tiny_bundle, variant):
-    """After [start, action, end] the next logits equal a cache-free two-pass forward (VPT_SPEC 5)."""
+    """After [start, action, end] the next logits equal a cache-free two-pass forward (docs/vpt.md §5)."""
     b = tiny_bundle(variant)
     tok = b.tokenizer
     image = rand_image(140, 84, seed=5)

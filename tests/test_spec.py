@@ -1,4 +1,4 @@
-"""Tests of vpt_fast.spec: vocabulary, round-1 parsing (VPT_SPEC 7) and region boxes."""
+"""Tests of vpt_fast.spec: vocabulary, round-1 parsing (docs/vpt.md §7) and region boxes."""
 
 import re
 
@@ -114,7 +114,7 @@ def test_vocab_from_tokenizer_uses_get_vocab():
     assert vocab.region_end == TOKEN_ID["<|region_token_end|>"]
 
 
-# --- parse_perception: the rows of VPT_SPEC 7 -------------------------------
+# --- parse_perception: the rows of docs/vpt.md §7 -------------------------------
 
 
 def test_one_region_block():

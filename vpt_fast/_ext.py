@@ -1,8 +1,14 @@
 """The compiled kernels of csrc/, as an optional extension: `torch.ops.vpt_fast_ext.*`.
 
+These are the "ext" backend of the public ops (`torch.ops.vpt_fast.kv_splice`,
+`crop_patch_rows`): the public op calls them when that backend is chosen. They keep a
+namespace of their own, with Meta kernels, so that the public op stays one definition that
+torch.compile traces (seeing the Triton kernels of the "triton" backend) while an ext kernel
+stays one opaque call, the same compiled or not.
+
 `load()` returns the ops namespace or None, and never raises: vpt_fast works without the
-extension (the ops fall back to their torch or Triton backends and say so). It uses, in
-order of preference:
+extension (the ops use their torch or Triton backends and say so). It uses, in order of
+preference:
 
 1. `vpt_fast._C`, built by setup.py when torch with CUDA and a CUDA toolkit were present
    at install time (CPU and CUDA kernels);
@@ -156,11 +162,28 @@ def _load(verbose: bool) -> dict[str, object]:
         ops = getattr(torch.ops, NAMESPACE)
         for name in OPS:
             getattr(ops, name)
+        _register_fakes()
     except Exception as err:  # any failure means "no extension", never a failed import of vpt_fast
         logger.warning("vpt_fast C++/CUDA extension unavailable, using the other backends: %s", err)
         return {"ops": None, "reason": _short(err), "no_cuda": None}
     logger.info("vpt_fast extension: %s", how)
     return {"ops": ops, "reason": None, "no_cuda": no_cuda}
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels of the extension's ops, for fake tensors (torch.compile) and the meta
+    device; written here rather than in C++ so that symbolic shapes work."""
+
+    @torch.library.register_fake(f"{NAMESPACE}::kv_splice")
+    def _(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin):
+        if slot_mapping.dtype != torch.int64:
+            raise RuntimeError(f"kv_splice: slot_mapping must be int64, got {slot_mapping.dtype}")
+        return None
+
+    @torch.library.register_fake(f"{NAMESPACE}::crop_patch_rows")
+    def _(image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first=False):
+        rows = (iy.shape[0] // patch_size) * (ix.shape[0] // patch_size)
+        return image.new_empty((rows, 3 * patch_size * patch_size), dtype=torch.float32)
 
 
 def available(device_type: str) -> bool | str:

@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
-from ..ops import mrope_positions
+from ..ops import mrope_positions, set_backend
 from ..preprocess import load_image
 from ..prompt import body_of, check_user_text, first_turn, special_token_pattern
 from ..sampling import SamplingParams, check_batch, check_forced, sample
@@ -61,18 +61,22 @@ class Engine:
 
     def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
                  cuda_graphs: bool | None = None, image_pipeline: str = "pil", kv_cache_tokens: int | None = None,
-                 kv_cache_gib: float | None = None, block_size: int = 16):
+                 kv_cache_gib: float | None = None, block_size: int = 16, backend: str | dict[str, str] | None = None):
         """max_seq_len: the most tokens one request's sequence may hold; max_batch_size: the
         most requests running at once (decoded together); cuda_graphs: capture decode steps
         (default: on when the model is on a CUDA device); image_pipeline: "pil" resizes
         images with PIL on the host exactly as the two-round flow does, "device" uploads
         each original image once and makes every crop's patches with `ops.crop_patch_embed`
-        on the model's device (within one 8-bit level of PIL's resampling, so greedy tokens
+        on the model's device (within two 8-bit levels of PIL's resampling, so greedy tokens
         may differ). The KV cache holds kv_cache_tokens tokens, or as many as fit in
         kv_cache_gib GiB (default: max(max_seq_len, 1024 * max_batch_size) tokens), in
-        blocks of block_size tokens; it is allocated here."""
+        blocks of block_size tokens; it is allocated here. backend: the ops' backends, asked for
+        once for the process (`vpt_fast.ops.set_backend`: "torch", "triton", "ext", or per op
+        "kv_splice=ext,decode_attention=triton"); default: VPT_FAST_BACKEND, else automatic."""
         if image_pipeline not in ("pil", "device"):
             raise ValueError(f"image_pipeline must be 'pil' or 'device', got {image_pipeline!r}")
+        if backend is not None:
+            set_backend(backend)
         for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1),
                                  ("block_size", block_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -1,11 +1,11 @@
 """The end of a round: finish the request, or splice its next perception into its sequence.
 
-When a round ends, its output is parsed (VPT_SPEC 7) and the conversation the two-round
+When a round ends, its output is parsed (docs/vpt.md §7) and the conversation the two-round
 reference would read next is built. The request keeps the longest common prefix of what
 it holds with that conversation and rolls back the rest (nothing, when the round wrote
 exactly what round 2 re-reads; the blocks past the cut go back to the free list); the new
 segment (the crop or re-encoded image and the template around it) is appended with its
-positions, pending until the next prefill runs it (VPT_SPEC 9).
+positions, pending until the next prefill runs it (docs/vpt.md §9).
 """
 
 from __future__ import annotations

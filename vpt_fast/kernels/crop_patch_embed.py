@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._registry import launcher
+
 
 @triton.jit
 def _crop_patch_rows_kernel(
@@ -97,13 +99,13 @@ def _crop_patch_rows_kernel(
 
 def crop_patch_rows_triton(image, iy, wy, ix, wx, mean, std, patch_size: int, merge_size: int,
                            vertical_first: bool = False) -> torch.Tensor:
-    """Single-frame patch rows (N, 3*p*p) float32; arguments as `crop_patch_rows_reference`,
+    """Single-frame patch rows (N, 3*p*p) float32; arguments as `crop_patch_rows_torch`,
     already checked (contiguous tables and image, one device)."""
     out_h, out_w = iy.shape[0], ix.shape[0]
     rows = torch.empty((out_h // patch_size) * (out_w // patch_size), 3 * patch_size * patch_size,
                        dtype=torch.float32, device=image.device)
     if rows.shape[0]:
-        _crop_patch_rows_kernel[(rows.shape[0],)](
+        launcher(_crop_patch_rows_kernel)[(rows.shape[0],)](
             image, iy, wy, ix, wx, mean, std, rows,
             image.shape[1], out_w // (patch_size * merge_size),
             KY=iy.shape[1], KX=ix.shape[1], P=patch_size, M=merge_size, BLOCK=triton.next_power_of_2(patch_size),

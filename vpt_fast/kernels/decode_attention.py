@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._registry import launcher
+
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cos_ptr, sin_ptr, scale,
@@ -70,7 +72,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B, heads, D = q.shape
     groups = heads // k_cache.shape[2]
     out = torch.empty_like(q)
-    _decode_attention_kernel[(B, heads)](
+    launcher(_decode_attention_kernel)[(B, heads)](
         q, k_cache, v_cache, out, block_tables, seq_lens, cos if cos is not None else q, sin if sin is not None else q,
         scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         out.stride(1), block_tables.stride(0), block_tables.stride(1),

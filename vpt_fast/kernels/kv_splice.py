@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..ops._registry import launcher
+
 
 @triton.jit
 def _kv_splice_kernel(
@@ -46,7 +48,7 @@ def _kv_splice_kernel(
 
 
 def kv_splice_triton(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
-    """In place, arguments as `kv_splice_reference`, already checked (contiguous caches, one device)."""
+    """In place, arguments as `kv_splice_torch`, already checked (contiguous caches, one device)."""
     tokens = slot_mapping.numel()
     if tokens == 0:
         return
@@ -54,13 +56,15 @@ def kv_splice_triton(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin
     rotate = cos is not None
     if not rotate:  # never read: any pointer of the right kind will do
         cos = sin = k_new
-    _kv_splice_kernel[(tokens,)](
+    launch = launcher(_kv_splice_kernel)
+    # a fused multiply-add rounds once where torch's k * cos + rotate_half(k) * sin rounds three
+    # times: eager launches keep the products apart so the keys match the torch definition bit
+    # for bit (a launch traced by torch.compile takes no such option and may fuse them)
+    options = {"enable_fp_fusion": False} if launch is _kv_splice_kernel else {}
+    launch[(tokens,)](
         k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin,
         *k_new.stride(), *v_new.stride(),
         cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         HEADS=heads, DIM=dim, BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(dim),
-        ROTATE=rotate,
-        # a fused multiply-add rounds once where torch's k * cos + rotate_half(k) * sin rounds
-        # three times: keep the products apart so the keys match the reference bit for bit
-        enable_fp_fusion=False,
+        ROTATE=rotate, **options,
     )

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._dispatch import interpreting_triton
+from ..ops._registry import interpreting_triton, launcher
+
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         return out
     block_m = 16 if max_new <= 16 else 64
     grid = (triton.cdiv(max_new, block_m), B, heads)
-    _prefill_attention_kernel[grid](
+    launcher(_prefill_attention_kernel)[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0), block_tables.stride(1),

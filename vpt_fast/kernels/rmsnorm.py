@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._registry import launcher
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps, HAS_RES: tl.constexpr,
@@ -33,15 +35,22 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps, HA
     tl.store(out_ptr + row * n_cols + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(x + residual, rmsnorm(x + residual) * weight) over the last dim; x contiguous."""
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + residual, rmsnorm(x + residual) * weight) over the last dim; x and residual contiguous."""
     n = x.shape[-1]
-    rows = x.numel() // n
-    out = torch.empty_like(x)
-    total = torch.empty_like(x) if residual is not None else x
-    _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, total, n, eps,
-                                 HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n))
+    out, total = torch.empty_like(x), torch.empty_like(x)
+    launcher(_add_rmsnorm_kernel)[(x.numel() // n,)](x, residual, weight, out, total, n, eps, HAS_RES=True,
+                                                     BLOCK=triton.next_power_of_2(n))
     return total, out
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight over the last dim; x contiguous."""
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    launcher(_add_rmsnorm_kernel)[(x.numel() // n,)](x, x, weight, out, x, n, eps, HAS_RES=False,
+                                                     BLOCK=triton.next_power_of_2(n))
+    return out
 
 
 @triton.jit
@@ -58,5 +67,5 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
+    launcher(_silu_mul_kernel)[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
     return out

@@ -1,22 +1,23 @@
 """crop_patch_embed: from the original image to Qwen2-VL patch rows (or patch embeddings) in one pass.
 
-VPT_SPEC 8 as one sampler: crop the box, cap it (`preprocess.cap_image`: NEAREST shrink to
+docs/vpt.md §8 as one sampler: crop the box, cap it (`preprocess.cap_image`: NEAREST shrink to
 `max_side`, NEAREST growth of a side below 28, NEAREST aspect clamp), resize BICUBIC to the
 processor's size the way PIL does (separable, antialiased), rescale by 1/255, normalize, and
 lay the pixels out as the processor's patch rows. The nearest-neighbour chain and the bicubic
 taps compose into per-axis tables (`resample_tables`): for every output row (column), K source
 rows (columns) of the original image and their weights. The kernel then reads only the taps.
 
-PIL rounds to uint8 (and clips to 0..255) after each of its two passes; this op sums in
-float32 without rounding or clipping in between, so it agrees with the stock processor to about
-one uint8 level (see tests/test_crop_patch_embed.py for the measured errors) on images whose
-bicubic overshoot stays inside 0..255.
+Like PIL, it rounds to an 8-bit level and clips to 0..255 after each of its two passes, in
+the pass order of the installed Pillow (`pil_vertical_first`), but it weighs in float32 where
+PIL uses fixed-point weights: pixels stay within 2 levels of the stock processor's (0.5 on
+average), the bound tests/test_crop_patch_embed.py checks on full-range images.
 
-Backends share one kernel contract, `crop_patch_rows(image, iy, wy, ix, wx, mean, std,
-patch_size, merge_size) -> rows (N, 3*p*p) float32` (one temporal frame, processor order),
-registered as the op `vpt_fast::crop_patch_rows`: torch (`crop_patch_rows_reference`), triton
-(`vpt_fast.kernels.crop_patch_embed`), and the extension's `vpt_fast_ext::crop_patch_rows`
-(cpp on CPU tensors, cuda on GPU tensors).
+Two ops: `torch.ops.vpt_fast.crop_patch_rows(image, iy, wy, ix, wx, mean, std, patch_size,
+merge_size, vertical_first) -> rows (N, 3*p*p) float32` (one temporal frame, processor order)
+is the kernel contract, with backends torch (`crop_patch_rows_torch`, the definition), triton
+(`vpt_fast.kernels.crop_patch_embed`) and ext (the extension's C++/CUDA kernels);
+`torch.ops.vpt_fast.crop_patch_embed(image, box, out_hw, ...)` builds the tables on the host
+and runs it (an opaque op: the tables depend on the box's values).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
 from ..preprocess import CLAMPED_ASPECT, CLIP_MEAN, CLIP_STD, MAX_ASPECT, MIN_SIDE
-from ._dispatch import choose, device_backends
+from . import _registry
 
 # ----------------------------------------------------------------------------- resampling tables
 
@@ -150,8 +152,8 @@ def pil_vertical_first(in_hw: Sequence[int], out_hw: Sequence[int]) -> bool:
     return dh > 0 and dh > 2 * dw
 
 
-def crop_patch_rows_reference(image, iy, wy, ix, wx, mean, std, patch_size: int = 14, merge_size: int = 2,
-                              vertical_first: bool = False) -> torch.Tensor:
+def crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, patch_size: int = 14, merge_size: int = 2,
+                          vertical_first: bool = False) -> torch.Tensor:
     """The definition: single-frame patch rows (N, 3*p*p) float32 in the processor's order.
 
     Row n is patch (h/m, w/m, m, m)-ordered; its value at (c, py, px), output pixel (y, x), is
@@ -178,35 +180,40 @@ def crop_patch_rows_reference(image, iy, wy, ix, wx, mean, std, patch_size: int 
     return rows.reshape(grid_h * grid_w, 3 * p * p)
 
 
-def _rows_triton(*args) -> torch.Tensor:
-    from ..kernels.crop_patch_embed import crop_patch_rows_triton
+def crop_patch_rows_triton(image, iy, wy, ix, wx, mean, std, patch_size: int = 14, merge_size: int = 2,
+                           vertical_first: bool = False) -> torch.Tensor:
+    from ..kernels.crop_patch_embed import crop_patch_rows_triton as launch
 
-    return crop_patch_rows_triton(*args)
-
-
-def _rows_extension(*args) -> torch.Tensor:
-    return torch.ops.vpt_fast_ext.crop_patch_rows(*args)
+    return launch(image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first)
 
 
-_IMPLEMENTATIONS = {
-    "torch": crop_patch_rows_reference,
-    "triton": _rows_triton,
-    "cpp": _rows_extension,
-    "cuda": _rows_extension,
-}
+def crop_patch_rows_ext(image, iy, wy, ix, wx, mean, std, patch_size: int = 14, merge_size: int = 2,
+                        vertical_first: bool = False) -> torch.Tensor:
+    return torch.ops.vpt_fast_ext.crop_patch_rows(image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first)
 
 
-@torch.library.custom_op("vpt_fast::crop_patch_rows", mutates_args=())
-def _crop_patch_rows_op(image: torch.Tensor, iy: torch.Tensor, wy: torch.Tensor, ix: torch.Tensor,
-                        wx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch_size: int,
-                        merge_size: int, backend: str, vertical_first: bool = False) -> torch.Tensor:
-    return _IMPLEMENTATIONS[backend](image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first)
+IMPLEMENTATIONS = {"torch": crop_patch_rows_torch, "triton": crop_patch_rows_triton, "ext": crop_patch_rows_ext}
+_registry.register("crop_patch_rows", {"triton": _registry.triton_status("crop_patch_embed"),
+                                       "ext": _registry.extension_status("crop_patch_rows")})
 
 
-@_crop_patch_rows_op.register_fake
-def _(image, iy, wy, ix, wx, mean, std, patch_size, merge_size, backend, vertical_first=False) -> torch.Tensor:
+def _rows_fake(image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first):
     rows = (iy.shape[0] // patch_size) * (ix.shape[0] // patch_size)
     return image.new_empty((rows, 3 * patch_size * patch_size), dtype=torch.float32)
+
+
+@_registry.define("crop_patch_rows", fake=_rows_fake)
+def _crop_patch_rows_op(image: torch.Tensor, iy: torch.Tensor, wy: torch.Tensor, ix: torch.Tensor, wx: torch.Tensor,
+                        mean: torch.Tensor, std: torch.Tensor, patch_size: int, merge_size: int,
+                        vertical_first: bool) -> torch.Tensor:
+    return IMPLEMENTATIONS[_registry.backend("crop_patch_rows", image.device.type)](
+        image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first)
+
+
+def crop_patch_rows(image, iy, wy, ix, wx, mean, std, patch_size: int = 14, merge_size: int = 2,
+                    vertical_first: bool = False) -> torch.Tensor:
+    """Single-frame patch rows of `image` through resampling tables (see `crop_patch_rows_torch`)."""
+    return torch.ops.vpt_fast.crop_patch_rows(image, iy, wy, ix, wx, mean, std, patch_size, merge_size, vertical_first)
 
 
 # ----------------------------------------------------------------------------- checks and entry point
@@ -233,11 +240,14 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def _channel_values(name: str, values, device: torch.device) -> torch.Tensor:
-    values = tuple(float(v) for v in torch.as_tensor(values, dtype=torch.float64).flatten().tolist())
+def _channel_values(name: str, values) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"crop_patch_embed: {name} must be 3 numbers (one per RGB channel), got {values!r}") from exc
     if len(values) != 3:
         raise ValueError(f"crop_patch_embed: {name} must hold 3 values (one per RGB channel), got {len(values)}")
-    return _device_constant(values, device)
+    return values
 
 
 @functools.lru_cache(maxsize=32)
@@ -276,10 +286,33 @@ def _check(image, out_hw, weight, patch_size: int, merge_size: int, temporal_pat
     return out_h, out_w
 
 
+@torch.library.custom_op("vpt_fast::crop_patch_embed", mutates_args=())
+def _crop_patch_embed_op(image: torch.Tensor, box: list[int], out_hw: list[int], mean: list[float], std: list[float],
+                         max_side: int, patch_size: int, merge_size: int, temporal_patch_size: int,
+                         weight: Optional[torch.Tensor]) -> torch.Tensor:
+    height, width = image.shape[:2]
+    iy, wy, ix, wx = resample_tables(height, width, box, out_hw, max_side, device=image.device)
+    capped = _cap_steps(box[2] - box[0], box[3] - box[1], max_side)[-1]  # (width, height) before the bicubic step
+    vertical_first = pil_vertical_first((capped[1], capped[0]), out_hw)
+    mean_t, std_t = _device_constant(tuple(mean), image.device), _device_constant(tuple(std), image.device)
+    rows = _crop_patch_rows_op(image, iy, wy, ix, wx, mean_t, std_t, patch_size, merge_size, vertical_first)
+    if weight is None:
+        n = rows.shape[0]
+        return rows.view(n, 3, 1, patch_size * patch_size).expand(n, 3, temporal_patch_size, patch_size * patch_size).reshape(n, -1)
+    return rows.to(weight.dtype) @ weight.sum(dim=2).reshape(weight.shape[0], -1).T
+
+
+@_crop_patch_embed_op.register_fake
+def _(image, box, out_hw, mean, std, max_side, patch_size, merge_size, temporal_patch_size, weight):
+    n = (out_hw[0] // patch_size) * (out_hw[1] // patch_size)
+    if weight is None:
+        return image.new_empty((n, 3 * temporal_patch_size * patch_size * patch_size), dtype=torch.float32)
+    return weight.new_empty((n, weight.shape[0]))
+
+
 def crop_patch_embed(image: torch.Tensor, box: Sequence[int], out_hw: Sequence[int], *, weight: torch.Tensor | None = None,
-                     backend: str | None = None, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                     max_side: int = 512, patch_size: int = 14, merge_size: int = 2,
-                     temporal_patch_size: int = 2) -> torch.Tensor:
+                     mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, max_side: int = 512,
+                     patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2) -> torch.Tensor:
     """Qwen2-VL patch rows, or patch embeddings, of the crop `box` of `image`.
 
     image: uint8 (H, W, 3), contiguous, on any device; box: (x0, y0, x1, y1) pixel edges inside
@@ -297,15 +330,7 @@ def crop_patch_embed(image: torch.Tensor, box: Sequence[int], out_hw: Sequence[i
     max_side = _positive_int("max_side", max_side)
     out_hw = _check(image, tuple(out_hw), weight, patch_size, merge_size, temporal_patch_size)
     height, width = image.shape[:2]
-    _check_box(box, height, width)
-    mean_t = _channel_values("mean", mean, image.device)
-    std_t = _channel_values("std", std, image.device)
-    chosen = choose("crop_patch_embed", backend, device_backends("crop_patch_rows", "crop_patch_embed", image.device.type))
-    iy, wy, ix, wx = resample_tables(height, width, box, out_hw, max_side, device=image.device)
-    capped = _cap_steps(box[2] - box[0], box[3] - box[1], max_side)[-1]  # (width, height) before the bicubic step
-    vertical_first = pil_vertical_first((capped[1], capped[0]), out_hw)
-    rows = _crop_patch_rows_op(image, iy, wy, ix, wx, mean_t, std_t, patch_size, merge_size, chosen, vertical_first)
-    if weight is None:
-        n = rows.shape[0]
-        return rows.view(n, 3, 1, patch_size * patch_size).expand(n, 3, temporal_patch_size, patch_size * patch_size).reshape(n, -1)
-    return rows.to(weight.dtype) @ weight.sum(dim=2).reshape(weight.shape[0], -1).T
+    box = list(_check_box(box, height, width))
+    return torch.ops.vpt_fast.crop_patch_embed(image, box, list(out_hw), list(_channel_values("mean", mean)),
+                                               list(_channel_values("std", std)), max_side, patch_size, merge_size,
+                                               temporal_patch_size, weight)

@@ -4,19 +4,24 @@ The cache is vLLM's paged layout, [num_blocks, block_size, kv_heads, head_dim]; 
 b's keys are at positions 0 .. seq_lens[b] - 1, position i in block block_tables[b, i //
 block_size] at offset i % block_size. Lengths and block tables live on the device, so a
 decode step has the same shapes and launches at every step and can be captured in a CUDA
-graph. Backends: "cuda" is flash-attn's `flash_attn_with_kvcache` where installed (its
-paged cache needs a block size that is a multiple of 256), "triton" the Triton kernel
-(preferred on CUDA otherwise), "torch" SDPA over the gathered blocks with a length mask:
-the definition and the CPU path.
+graph. The op is `torch.ops.vpt_fast.decode_attention`. Backends: torch (`decode_attention_torch`,
+SDPA over the gathered blocks with a length mask: the definition), triton (the kernel in
+`vpt_fast.kernels.decode_attention`, the query's RoPE fused) and flash_attn
+(`flash_attn_with_kvcache`, where installed, asked for by name only: its paged cache needs
+a block size that is a multiple of 256).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose, triton_or_torch
+from . import _registry
 from .mrope import apply_rotary
+
+OP = "decode_attention"
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -25,7 +30,7 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     return cache[block_tables.long()].reshape(B, M * cache.shape[1], *cache.shape[2:])
 
 
-def decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale: float, cos=None, sin=None) -> torch.Tensor:
+def decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale: float, cos=None, sin=None) -> torch.Tensor:
     """q (B, heads, D); caches (num_blocks, block_size, kv_heads, D); block_tables (B, M); seq_lens (B,)
     -> (B, heads, D). With cos/sin (B, D), the query is rotated first (rotate-half RoPE, as
     transformers does)."""
@@ -45,14 +50,35 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scal
     return out[:, :, 0]
 
 
-def _flash_available(block_size: int) -> bool | str:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return "flash-attn is not installed"
-    if block_size % 256:
-        return f"flash-attn's paged cache needs a block size that is a multiple of 256, this one is {block_size}"
-    return True
+def decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale: float, cos=None, sin=None) -> torch.Tensor:
+    from ..kernels.decode_attention import decode_attention_triton as launch
+
+    return launch(q, k_cache, v_cache, block_tables, seq_lens, scale, cos, sin)
+
+
+def decode_attention_flash_attn(q, k_cache, v_cache, block_tables, seq_lens, scale: float, cos=None, sin=None) -> torch.Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    if k_cache.shape[1] % 256:
+        raise ValueError(f"decode_attention: flash-attn's paged cache needs a block size that is a multiple of 256, "
+                         f"this one is {k_cache.shape[1]}")
+    if cos is not None:
+        q = apply_rotary(q, cos[:, None, :], sin[:, None, :])
+    out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
+                                  block_table=block_tables.to(torch.int32), softmax_scale=scale, causal=True)
+    return out[:, 0]
+
+
+IMPLEMENTATIONS = {"torch": decode_attention_torch, "triton": decode_attention_triton,
+                   "flash_attn": decode_attention_flash_attn}
+_registry.register(OP, {"triton": _registry.triton_status("decode_attention"), "flash_attn": _registry.flash_attn_status})
+
+
+@_registry.define(OP, fake=lambda q, *args: torch.empty_like(q))
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float, cos: Optional[torch.Tensor],
+                         sin: Optional[torch.Tensor]) -> torch.Tensor:
+    return IMPLEMENTATIONS[_registry.backend(OP, q.device.type)](q, k_cache, v_cache, block_tables, seq_lens, scale, cos, sin)
 
 
 def check_paged(op: str, q, k_cache, v_cache, block_tables, seq_lens, rows: int) -> None:
@@ -75,8 +101,7 @@ def check_paged(op: str, q, k_cache, v_cache, block_tables, seq_lens, rows: int)
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if rows and not capturing:
+    if rows and not _registry.tracing(q):
         capacity = block_tables.shape[1] * k_cache.shape[1]
         lo, hi = int(seq_lens.min()), int(seq_lens.max())
         if lo < 1 or hi > capacity:
@@ -86,31 +111,14 @@ def check_paged(op: str, q, k_cache, v_cache, block_tables, seq_lens, rows: int)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, cos=None, sin=None, *,
-                     backend: str | None = None, check: bool = True) -> torch.Tensor:
+                     check: bool = True) -> torch.Tensor:
     """Attention of each sequence's new query over its first seq_lens[b] cached keys, read
-    through its block table; with cos/sin (B, head_dim) the query's RoPE is applied first
-    (fused in the Triton kernel).
+    through its block table; with cos/sin (B, head_dim) the query's RoPE is applied first.
 
-    check=False skips validation (the engine's decode step, whose shapes are fixed by construction).
+    check=False skips validation (the engine's decode step, whose shapes are right by construction).
     """
     if check:
         check_paged("decode_attention", q, k_cache, v_cache, block_tables, seq_lens, q.shape[0])
         if (cos is None) != (sin is None) or (cos is not None and cos.shape != (q.shape[0], q.shape[-1])):
             raise ValueError(f"decode_attention: cos and sin must both be ({q.shape[0]}, {q.shape[-1]}) or both None")
-    on_cuda = q.device.type == "cuda"
-    options = {"cuda": _flash_available(k_cache.shape[1]) if on_cuda else "flash-attn needs CUDA tensors",
-               **triton_or_torch(q.device.type, "decode_attention")}
-    name = choose("decode_attention", backend, options)
-    if name == "cuda":
-        from flash_attn import flash_attn_with_kvcache
-
-        if cos is not None:
-            q = apply_rotary(q, cos[:, None, :], sin[:, None, :])
-        out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
-                                      block_table=block_tables.to(torch.int32), softmax_scale=scale, causal=True)
-        return out[:, 0]
-    if name == "triton":
-        from ..kernels.decode_attention import decode_attention_triton
-
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, cos, sin)
-    return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, cos, sin)
+    return torch.ops.vpt_fast.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, cos, sin)

@@ -1,20 +1,17 @@
 """kv_splice: write a ragged batch of new keys/values into a KV cache at given slots.
 
-Slot semantics follow vLLM's `reshape_and_cache_flash`: a cache is
-[num_blocks, block_size, kv_heads, head_dim] (the engine's per-sequence cache is the
-case block_size = max_len, one block per sequence), an int64 flat slot is
-block * block_size + offset, -1 skips a token, and the number of slots says how many
-tokens are written (k_new / v_new may hold more rows, padding for graph capture).
-With cos/sin given (per token, (tokens, head_dim), the M-RoPE-composed tables that
-transformers' Qwen2-VL rotary embedding returns), the keys are rotated on the way in.
-Rollback is bookkeeping of lengths, no copy.
+Slot semantics follow vLLM's `reshape_and_cache_flash`: a cache is [num_blocks, block_size,
+kv_heads, head_dim] (the engine's paged layout), an int64 flat slot is block * block_size +
+offset, -1 skips a token, and the number of slots says how many tokens are written (k_new /
+v_new may hold more rows, padding for graph capture). With cos/sin given (per token,
+(tokens, head_dim), the M-RoPE-composed tables that transformers' Qwen2-VL rotary embedding
+returns), the keys are rotated on the way in. Rollback is bookkeeping of lengths, no copy.
 
-The op is registered as `vpt_fast::kv_splice` (mutating k_cache and v_cache) so that
-torch.compile and CUDA graphs see through it. Backends: torch (`kv_splice_reference`),
-triton (`vpt_fast.kernels.kv_splice`), and the extension's `vpt_fast_ext::kv_splice`
-(cpp on CPU tensors, cuda on GPU tensors). The Triton and extension kernels rotate in
-float32 whatever the input dtypes; the reference rotates in the promoted dtype of k_new and
-cos, so the two agree bit for bit whenever either of those is float32.
+The op is `torch.ops.vpt_fast.kv_splice` (mutating k_cache and v_cache). Backends: torch
+(`kv_splice_torch`, the definition), triton (`vpt_fast.kernels.kv_splice`) and ext (the
+extension's C++/CUDA kernels). The Triton and extension kernels rotate in float32 whatever
+the input dtypes; the definition rotates in the promoted dtype of k_new and cos, so they
+agree bit for bit whenever either of those is float32.
 """
 
 from __future__ import annotations
@@ -23,11 +20,13 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import choose, device_backends
+from . import _registry
 from .mrope import apply_rotary
 
+OP = "kv_splice"
 
-def kv_splice_reference(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
+
+def kv_splice_torch(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
     """The definition, in plain torch."""
     n = slot_mapping.numel()
     k, v = k_new[:n], v_new[:n]
@@ -40,7 +39,28 @@ def kv_splice_reference(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, 
     v_cache.view(-1, heads, dim)[slots] = v[keep].to(v_cache.dtype)
 
 
-def _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin) -> None:
+def kv_splice_triton(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
+    from ..kernels.kv_splice import kv_splice_triton as launch
+
+    launch(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
+
+
+def kv_splice_ext(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
+    torch.ops.vpt_fast_ext.kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
+
+
+IMPLEMENTATIONS = {"torch": kv_splice_torch, "triton": kv_splice_triton, "ext": kv_splice_ext}
+_registry.register(OP, {"triton": _registry.triton_status("kv_splice"), "ext": _registry.extension_status("kv_splice")})
+
+
+@_registry.define(OP, mutates_args=("k_cache", "v_cache"), fake=lambda *args: None)
+def _kv_splice_op(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
+    IMPLEMENTATIONS[_registry.backend(OP, k_cache.device.type)](k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
+
+
+def _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None) -> None:
+    """Validate kv_splice's arguments; the slot range is checked only where it costs no device sync."""
     tensors = {"k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -68,52 +88,19 @@ def _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin) -> None:
         devices |= {cos.device, sin.device}
     if len(devices) != 1:
         raise ValueError(f"kv_splice: all tensors must be on one device, got {sorted(map(str, devices))}")
-    capturing = slot_mapping.is_cuda and torch.cuda.is_current_stream_capturing()
-    if slot_mapping.numel() and not capturing:
+    if slot_mapping.numel() and not _registry.tracing(slot_mapping):
         capacity = k_cache.shape[0] * k_cache.shape[1]
         lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         if lo < -1 or hi >= capacity:
             raise ValueError(f"kv_splice: slots must be -1 (skip) or in [0, {capacity}), got values in [{lo}, {hi}]")
 
 
-def _kv_splice_triton(*args) -> None:
-    from ..kernels.kv_splice import kv_splice_triton
-
-    kv_splice_triton(*args)
-
-
-def _kv_splice_extension(*args) -> None:
-    torch.ops.vpt_fast_ext.kv_splice(*args)
-
-
-_IMPLEMENTATIONS = {
-    "torch": kv_splice_reference,
-    "triton": _kv_splice_triton,
-    "cpp": _kv_splice_extension,
-    "cuda": _kv_splice_extension,
-}
-
-
-@torch.library.custom_op("vpt_fast::kv_splice", mutates_args=("k_cache", "v_cache"))
-def _kv_splice_op(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-                  backend: str) -> None:
-    _IMPLEMENTATIONS[backend](k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
-
-
-@_kv_splice_op.register_fake
-def _(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin, backend) -> None:
-    return None
-
-
-def kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None, *, backend: str | None = None,
-              check: bool = True) -> None:
+def kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos=None, sin=None, *, check: bool = True) -> None:
     """Write k_new/v_new (tokens, kv_heads, head_dim) into the caches at `slot_mapping`, in place.
 
-    check=False skips validation: for callers whose shapes are right by construction and
-    that must not synchronise with the device (a captured decode step).
+    check=False skips validation: for callers whose shapes are right by construction (the
+    engine's steps).
     """
     if check:
         _check(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)
-    chosen = choose("kv_splice", backend, device_backends("kv_splice", "kv_splice", k_cache.device.type))
-    _kv_splice_op(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin, chosen)
+    torch.ops.vpt_fast.kv_splice(k_new, v_new, k_cache, v_cache, slot_mapping, cos, sin)

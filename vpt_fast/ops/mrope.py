@@ -1,6 +1,6 @@
 """mrope_positions: Qwen2-VL 3-D rotary positions of a segment appended to a sequence.
 
-VPT_SPEC 6: text tokens get (p, p, p) increasing by one; a run of `<|image_pad|>`
+docs/vpt.md §6: text tokens get (p, p, p) increasing by one; a run of `<|image_pad|>`
 tokens is an image and gets (s + t, s + h, s + w) over its merged grid, s the next
 text position, and text after it resumes at s + max(grid_h, grid_w) / merge.
 Re-encoding pads are text. Only the segment is computed, from where the sequence

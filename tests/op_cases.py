@@ -1,10 +1,12 @@
-"""Inputs and plain-torch references shared by the extension tests (test_ext_cpu.py, test_ext_gpu.py)."""
+"""Inputs, independent references and backend pinning shared by the op tests (one file per op)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from vpt_fast.ops.kv_splice import kv_splice_reference
+from vpt_fast.ops import _registry
+from vpt_fast.ops.kv_splice import kv_splice_torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -16,8 +18,8 @@ INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float1
 # ----------------------------------------------------------------------------- crop_patch_rows
 
 
-def crop_patch_rows_torch(image, iy, wy, ix, wx, mean, std, patch_size: int, merge_size: int) -> torch.Tensor:
-    """Gather; weighted sum along x for each tap row, rounded half up and clipped to 0..255; then
+def gather_einsum_rows(image, iy, wy, ix, wx, mean, std, patch_size: int, merge_size: int) -> torch.Tensor:
+    """crop_patch_rows written independently of the op. Gather; weighted sum along x for each tap row, rounded half up and clipped to 0..255; then
     along y, rounded again (PIL's two 8-bit passes); normalize; cut into patch rows in the
     Qwen2-VL processor's order (merge block row, merge block column, i, j), values (c, py, px)."""
     img = image.float()
@@ -101,16 +103,17 @@ def splice_inputs(layout: str, tokens: int, heads: int, dim: int, gen: torch.Gen
 
 
 def reference_caches(k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
-    """The caches kv_splice_reference leaves, from copies of the given ones."""
+    """The caches kv_splice_torch (the definition) leaves, from copies of the given ones."""
     k_exp, v_exp = k_cache.clone(), v_cache.clone()
-    kv_splice_reference(k_new, v_new, k_exp, v_exp, slots, cos, sin)
+    kv_splice_torch(k_new, v_new, k_exp, v_exp, slots, cos, sin)
     return k_exp, v_exp
 
 
-def splice_with_reference(ext, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
-    """Run the extension's kv_splice on the caches; return what the reference makes of the same caches."""
+def splice_with_reference(splice, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
+    """Run `splice` (a kv_splice implementation) on the caches; return what the definition makes
+    of the same caches."""
     k_exp, v_exp = reference_caches(k_new, v_new, k_cache, v_cache, slots, cos, sin)
-    ext.kv_splice(k_new, v_new, k_cache, v_cache, slots, cos, sin)
+    splice(k_new, v_new, k_cache, v_cache, slots, cos, sin)
     return k_exp, v_exp
 
 
@@ -133,3 +136,25 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -
         bad = (~same).nonzero()[:8].tolist()
         raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} entries differ, first at {bad}: "
                              f"{[actual[tuple(i)].item() for i in bad]} vs {[expected[tuple(i)].item() for i in bad]}")
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def can_run(op: str, backend: str, device_type: str = "cpu") -> bool | str:
+    """True when `backend` of `op` can run on `device_type` here, else why not."""
+    return _registry._OPS[op][backend](device_type)
+
+
+def runnable(op: str, backend: str, device_type: str = "cpu"):
+    """Skip the test unless `backend` of `op` can run on `device_type` here."""
+    status = can_run(op, backend, device_type)
+    if status is not True:
+        pytest.skip(f"{op}: the {backend} backend cannot run on {device_type}: {status}")
+
+
+def use_backend(monkeypatch, op: str, backend: str, device_type: str = "cpu") -> None:
+    """Pin `op` to `backend` for this test (the process-wide choice is restored afterwards); skip
+    when that backend cannot run here."""
+    runnable(op, backend, device_type)
+    monkeypatch.setitem(_registry._chosen, (op, device_type), backend)
