@@ -1,6 +1,6 @@
 """What a perception adds to the conversation, and the features of a re-encoding branch.
 
-Shared by the reference pipeline and the engine (VPT_SPEC 4 and 7): `plan_perception`
+Shared by the reference pipeline and the engine (docs/vpt.md §4 and §7): `plan_perception`
 turns a parsed round-1 output into the next turns and images, `branch_features` runs a
 DINOv2 / SAM encoder, `project_features` applies a branch's projector.
 """
@@ -27,7 +27,7 @@ def branch_features(bundle: VPTBundle, kind: str, pixels: torch.Tensor) -> torch
 
 @torch.no_grad()
 def project_features(bundle: VPTBundle, kind: str, features: torch.Tensor, control: torch.Tensor | None) -> torch.Tensor:
-    """One image's re-encoding features -> (N, H) pad embeddings (VPT_SPEC 4); control (H,) or None."""
+    """One image's re-encoding features -> (N, H) pad embeddings (docs/vpt.md §4); control (H,) or None."""
     c = None if control is None else control[None]
     if kind == "clip":
         return bundle.clip_projector([features], c)[0]
@@ -37,7 +37,7 @@ def project_features(bundle: VPTBundle, kind: str, features: torch.Tensor, contr
 
 @dataclass
 class PerceptionPlan:
-    """What one perception adds to the conversation (VPT_SPEC 7)."""
+    """What one perception adds to the conversation (docs/vpt.md §7)."""
 
     kind: str
     turns: list[tuple[str, str]]  # the assistant turn that asked, then the user turn that shows

@@ -1,4 +1,4 @@
-"""Image preprocessing of VPT_SPEC section 8: capping, Qwen2-VL, DINOv2 and SAM inputs.
+"""Image preprocessing of docs/vpt.md §8: capping, Qwen2-VL, DINOv2 and SAM inputs.
 
 The reference path runs on the CPU with PIL and numpy. Every step reproduces the arithmetic of the
 stock image processors (PIL resampling on uint8 images, rescale in float64 then cast to float32,
@@ -23,7 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Capping rules of the reference evaluation (VPT_SPEC 8 step 1).
+# Capping rules of the reference evaluation (docs/vpt.md §8, step 1).
 MIN_SIDE = 28
 MAX_ASPECT = 200
 CLAMPED_ASPECT = 180
@@ -107,7 +107,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def cap_image(image: Image.Image, max_side: int = 512) -> Image.Image:
-    """Apply the capping rules of VPT_SPEC 8 step 1 and return an RGB image.
+    """Apply the capping rules of docs/vpt.md §8, step 1 and return an RGB image.
 
     In order: shrink (NEAREST) so the longer side is at most ``max_side``, each side becoming
     ``int(side * r)`` with ``r = max_side / longer_side`` (this float order is the published one);

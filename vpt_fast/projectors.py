@@ -1,4 +1,4 @@
-"""The three VPT projectors (VPT_SPEC section 4), with the released weight names.
+"""The three VPT projectors (docs/vpt.md §4), with the released weight names.
 
 Each projector maps the features of one re-encoded image to (N, H) LLM input
 embeddings. With a control vector c_raw (the first-pass hidden state at
