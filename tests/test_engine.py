@@ -1,6 +1,7 @@
 """The single-pass engine against the two-round reference (docs/vpt.md §9)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -299,3 +300,66 @@ def test_device_image_pipeline(tiny_bundle):
     assert ((rows - want).abs() * std).max() <= 2 / 255 + 1e-6
     with pytest.raises(ValueError, match="image_pipeline"):
         Engine(b, image_pipeline="gpu")
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+def test_conversations_with_a_system_prompt_and_earlier_turns(tiny_bundle):
+    """Multi-turn conversations, the image in a later turn or none at all: the engine equals the
+    two-round flow on them, and its first logits equal transformers' forward on the chat text
+    written out here."""
+    from vpt_fast.prompt import Conversation
+
+    b = tiny_bundle("clip")
+    tok, v, proc = b.tokenizer, b.vocab, b.processor
+    image = rand_image(120, 90, 3)
+    chats = [
+        Conversation((("user", "Hi"), ("assistant", "Hello."), ("user", "What is in <image> this picture?")),
+                     system="Answer briefly."),
+        Conversation((("user", "<image>Describe."), ("assistant", "A street."), ("user", "Where?"))),
+        Conversation((("user", "Tell me a story."),), system="You are terse."),
+    ]
+    images = [image, image, None]
+    forced = [region(([1, 3], [2])), action("clip"), None]
+    ref, eng = both(b, images, chats, forced)
+    for r, e in zip(ref, eng):
+        assert_same(r, e)
+    assert [t.kind for t in eng[0].trace] == ["region"] and [t.kind for t in eng[1].trace] == ["clip"]
+    first = proc.prepare(image)
+    span = "<|vision_start|>" + "<|image_pad|>" * proc.token_count(first) + "<|vision_end|>"
+    text = ("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+            "Hello.<|im_end|>\n<|im_start|>user\nWhat is in " + span + " this picture?<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([toks(tok, text)])
+    assert ids[0].tolist() == ref[0].round1_prompt_ids
+    pixels, grid = proc.qwen_inputs([first])
+    with torch.no_grad():
+        logits = b.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                         mm_token_type_ids=(ids == v.image_pad).int()).logits[0, -1]
+    assert (eng[0].logits[0] - logits).abs().max() <= 1e-4
+    assert eng[2].prompt_tokens == len(ref[2].round1_prompt_ids) and eng[2].trace == []
+
+
+def test_conversation_errors(tiny_bundle):
+    from vpt_fast.prompt import Conversation
+
+    b = tiny_bundle("region")
+    engine = Engine(b)
+    image = rand_image(50, 50)
+    with pytest.raises(ValueError, match="the last turn of a conversation must be the user's"):
+        Conversation((("user", "a"), ("assistant", "b")))
+    with pytest.raises(ValueError, match="turn 0 has role 'system'"):
+        Conversation((("system", "a"), ("user", "b")))
+    cases = [
+        (image, Conversation((("user", "<image>a"), ("assistant", "b"), ("user", "<image>c"))), "at most one '<image>'"),
+        (image, Conversation((("assistant", "look <image>"), ("user", "c"))), "turn 0 is the assistant's"),
+        (None, Conversation((("user", "<image> what?"),)), "no image was given"),
+        (image, Conversation((("user", "a"), ("assistant", "<|im_end|>"), ("user", "c"))), r"turn 1: the prompt holds the special"),
+        (image, Conversation((("user", "a"),), system="x<|vision_start|>"), "the system prompt: the prompt holds"),
+        (None, "Where is the car?", None),
+    ]
+    out = engine.generate([c[0] for c in cases], [c[1] for c in cases], 6,
+                          [None] * 5 + [toks(b.tokenizer, region(([1], [1])))])
+    for (_, _, message), r in zip(cases[:5], out[:5]):
+        assert r.finish_reason == "error" and re.search(message, r.error), r.error
+    assert out[5].finish_reason == "error" and "has no image to look at again" in out[5].error

@@ -51,11 +51,14 @@ def plan_perception(bundle: VPTBundle, perception, original, first, body_ids: li
     """The next turns for a parsed output: a PerceptionPlan, None (nothing to look at:
     the output is the answer), or a finish reason when the request cannot go on.
 
-    original: the request's image as loaded; first: it prepared as the first image (the
-    clip branch re-encodes exactly that)."""
+    original: the request's image as loaded (None: a text-only request, where a request
+    to look again raises ValueError); first: it prepared as the first image (the clip
+    branch re-encodes exactly that)."""
     tok, proc = bundle.tokenizer, bundle.processor
     if isinstance(perception, spec.Malformed):
         return "malformed"
+    if original is None and isinstance(perception, (spec.ReencodeRequest, spec.RegionRequest)):
+        raise ValueError("the request has no image to look at again")
     if isinstance(perception, spec.ReencodeRequest):
         kind = perception.kind
         if kind not in bundle.reencode_kinds:

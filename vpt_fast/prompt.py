@@ -62,9 +62,9 @@ def user_content(prompt: str, image_span: str) -> str:
     return prompt.replace(IMAGE_PLACEHOLDER, image_span)
 
 
-def conversation(turns: Sequence[tuple[str, str]]) -> str:
-    """Qwen2-VL chat text: system prompt, then (role, content) turns, then the assistant header."""
-    text = f"{spec.IM_START}system\n{spec.SYSTEM_PROMPT}{spec.IM_END}\n"
+def conversation(turns: Sequence[tuple[str, str]], system: str = spec.SYSTEM_PROMPT) -> str:
+    """Qwen2-VL chat text: the system turn, then (role, content) turns, then the assistant header."""
+    text = f"{spec.IM_START}system\n{system}{spec.IM_END}\n"
     for role, content in turns:
         text += f"{spec.IM_START}{role}\n{content}{spec.IM_END}\n"
     return text + f"{spec.IM_START}assistant\n"
@@ -105,28 +105,100 @@ def cut_at_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
+ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat to continue: (role, text) turns, "user" or "assistant", the last one the user's; at
+    most one `<image>` placeholder, in a user turn (without one the image opens the first user
+    turn); and the system prompt (the one VPT models were trained with by default)."""
+
+    turns: tuple[tuple[str, str], ...]
+    system: str = spec.SYSTEM_PROMPT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.turns, (str, bytes)) or not isinstance(self.turns, Sequence) or not self.turns:
+            raise TypeError(f"a conversation's turns must be a non-empty list of (role, text), got {self.turns!r}")
+        turns = []
+        for i, turn in enumerate(self.turns):
+            if not isinstance(turn, Sequence) or isinstance(turn, (str, bytes)) or len(turn) != 2:
+                raise TypeError(f"turn {i} must be (role, text), got {turn!r}")
+            role, text = turn
+            if role not in ROLES:
+                raise ValueError(f"turn {i} has role {role!r}: expected one of {ROLES} (the system prompt is separate)")
+            if not isinstance(text, str):
+                raise TypeError(f"turn {i} text must be a str, got {type(text).__name__}")
+            turns.append((role, text))
+        if turns[-1][0] != "user":
+            raise ValueError("the last turn of a conversation must be the user's")
+        if not isinstance(self.system, str):
+            raise TypeError(f"the system prompt must be a str, got {type(self.system).__name__}")
+        object.__setattr__(self, "turns", tuple(turns))
+
+
+def as_conversation(prompt) -> Conversation:
+    """A prompt (a str: one user turn) or a Conversation, as a Conversation."""
+    if isinstance(prompt, Conversation):
+        return prompt
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a str or a Conversation, got {type(prompt).__name__}")
+    return Conversation((("user", prompt),))
+
+
 @dataclass(frozen=True)
 class FirstTurn:
-    """A request's image and prompt, made ready for round 1."""
+    """A request's image and conversation, made ready for round 1."""
 
-    original: Any  # the image as loaded (PIL), for crops and re-encoding
-    first: Any  # it capped: the conversation's first image
-    user: str  # the user turn's content, image span included
-    ids: list[int]  # the round-1 prompt: system turn, user turn, assistant header
+    original: Any  # the image as loaded (PIL), for crops and re-encoding; None without an image
+    first: Any  # it capped: the conversation's first image (None without an image)
+    turns: tuple[tuple[str, str], ...]  # the conversation's turns, the image span in place of `<image>`
+    system: str
+    ids: list[int]  # the round-1 prompt: system turn, the turns, assistant header
+
+    @property
+    def user(self) -> str:
+        """The last user turn's content."""
+        return self.turns[-1][1]
 
 
-def first_turn(bundle, image, prompt: str, specials: re.Pattern) -> FirstTurn:
-    """Load and check one request's image and prompt and encode its round-1 prompt.
+def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
+    """Load and check one request's image and prompt (a str or a Conversation) and encode its
+    round-1 prompt. image may be None (a text-only request).
 
     Raises TypeError / ValueError / OSError with a message naming what is wrong; the
     image-pad count of the result is always the image's own token count."""
-    check_user_text(prompt, specials)
-    original = load_image(image)
-    first = bundle.processor.prepare(original)
-    n = bundle.processor.token_count(first)
-    user = user_content(prompt, vision_span(spec.IMAGE_PAD, n))
-    ids = encode(bundle.tokenizer, conversation([("user", user)]))
+    chat = as_conversation(prompt)
+    single = isinstance(prompt, str)
+    for i, (_, text) in enumerate(chat.turns):
+        try:
+            check_user_text(text, specials)
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e) if single else f"turn {i}: {e}") from None
+    try:
+        check_user_text(chat.system, specials)
+    except ValueError as e:
+        raise ValueError(f"the system prompt: {e}") from None
+    placed = [i for i, (_, text) in enumerate(chat.turns) if IMAGE_PLACEHOLDER in text]
+    count = sum(text.count(IMAGE_PLACEHOLDER) for _, text in chat.turns)
+    if count > 1:
+        raise ValueError(f"a prompt may hold at most one {IMAGE_PLACEHOLDER!r} placeholder (one image per request), got {count}")
+    if placed and chat.turns[placed[0]][0] != "user":
+        raise ValueError(f"turn {placed[0]} is the assistant's: the image goes in a user turn")
+    if image is None:
+        if placed:
+            raise ValueError(f"the prompt places an image with {IMAGE_PLACEHOLDER!r} but no image was given")
+        original = first = None
+        turns, n = chat.turns, 0
+    else:
+        original = load_image(image)
+        first = bundle.processor.prepare(original)
+        n = bundle.processor.token_count(first)
+        at = placed[0] if placed else next(i for i, (role, _) in enumerate(chat.turns) if role == "user")
+        turns = tuple((role, user_content(text, vision_span(spec.IMAGE_PAD, n)) if i == at else text)
+                      for i, (role, text) in enumerate(chat.turns))
+    ids = encode(bundle.tokenizer, conversation(turns, chat.system))
     got = ids.count(bundle.vocab.image_pad)
     if got != n:
         raise ValueError(f"the prompt encodes to {got} image pad tokens where the image has {n}")
-    return FirstTurn(original, first, user, ids)
+    return FirstTurn(original, first, turns, chat.system, ids)

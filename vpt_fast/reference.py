@@ -42,6 +42,7 @@ class ReferenceResult:
     perception: Any  # a spec.PerceptionResult
     finish_reason: str  # "stop", "length", or why perception could not run
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    error: str | None = None
     round1_logits: list[torch.Tensor] | None = None  # per generated step, (vocab,) float32
     answer_logits: list[torch.Tensor] | None = None
 
@@ -264,7 +265,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
             starts.append(first_turn(bundle, image, prompt, specials))
         except (OSError, ValueError, TypeError) as e:
             raise type(e)(f"request {i}: {e}") from e
-    r1_rows = [_Row(ids=t.ids, images=[t.first], forced=f) for t, f in zip(starts, forced)]
+    r1_rows = [_Row(ids=t.ids, images=[t.first] if t.first is not None else [], forced=f) for t, f in zip(starts, forced)]
     r1_new, r1_logits, r1_finish = _generate(bundle, r1_rows, max_new_tokens, do_sample, top_k, top_p, generator, return_logits)
 
     results: list[ReferenceResult] = []
@@ -278,13 +279,18 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
                               text=tok.decode(body, skip_special_tokens=True), perception=perception,
                               finish_reason=r1_finish[i], round1_logits=r1_logits[i] if r1_logits else None)
         results.append(res)
-        plan = plan_perception(bundle, perception, starts[i].original, starts[i].first, body)
+        try:
+            plan = plan_perception(bundle, perception, starts[i].original, starts[i].first, body)
+        except ValueError as e:  # a text-only request asking to look again
+            res.finish_reason, res.error = "error", f"request {i}: the {perception.kind} perception could not be prepared: {e}"
+            continue
         if isinstance(plan, str):
             res.finish_reason = plan
         elif plan is not None:
             res.boxes = plan.boxes if plan.kind == "region" else []
-            turns = [("user", starts[i].user), *plan.turns]
-            r2_rows.append(_Row(ids=encode(tok, conversation(turns)), images=[starts[i].first, *plan.images], reencode=plan.reencode))
+            turns = [*starts[i].turns, *plan.turns]
+            r2_rows.append(_Row(ids=encode(tok, conversation(turns, starts[i].system)),
+                                images=[starts[i].first, *plan.images], reencode=plan.reencode))
             r2_index.append(i)
 
     if r2_rows:

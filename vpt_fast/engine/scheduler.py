@@ -38,8 +38,7 @@ import torch
 
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import mrope_positions, set_backend
-from ..preprocess import load_image
-from ..prompt import body_of, check_user_text, first_turn, special_token_pattern
+from ..prompt import body_of, first_turn, special_token_pattern
 from ..sampling import SamplingParams, check_batch, check_forced, sample
 from .cache import PagedKVCache
 from .decode import BUCKETS, DecodeStep
@@ -249,11 +248,11 @@ class Engine:
         name = name or f"request {rid}"
         try:
             forced = check_forced(forced_tokens, self._vocab_size)
-            check_user_text(prompt, self._specials)
-            turn = first_turn(self.bundle, load_image(image), prompt, self._specials)
+            turn = first_turn(self.bundle, image, prompt, self._specials)
         except (OSError, ValueError, TypeError) as e:
             return Request(rid, params, None, name=name, error=f"{name}: {e}")
-        positions, _ = mrope_positions(turn.ids, 0, [self.bundle.processor.grid_thw(turn.first)],
+        grids = [self.bundle.processor.grid_thw(turn.first)] if turn.first is not None else []
+        positions, _ = mrope_positions(turn.ids, 0, grids,
                                        image_pad_id=self.vocab.image_pad,
                                        spatial_merge_size=self.bundle.model.config.vision_config.spatial_merge_size)
         r = Request(rid, params, forced, turn, positions, name=name)
@@ -447,7 +446,7 @@ class Engine:
         text = tok.decode(body_of(shown, eos), skip_special_tokens=True)
         return GenerationResult(token_ids=list(r.generated), round1_ids=list(round1), answer_ids=list(answer), text=text,
                                 finish_reason=r.finish_reason or "length", trace=list(r.trace), perception=r.perception,
-                                error=r.error, logits=r.logits_log)
+                                error=r.error, logits=r.logits_log, prompt_tokens=len(r.turn.ids) if r.turn else 0)
 
 
 def _cache_tokens(tokens: int | None, gib: float | None, max_seq_len: int, max_batch_size: int, per_token: int) -> int:

@@ -58,7 +58,7 @@ class Splicer:
             r.finish(plan, unsupported_message(perception.kind, self.bundle.vpt_config) if plan.startswith("unsupported:") else None)
             return
 
-        new_ids = encode(self.bundle.tokenizer, conversation(r.turns + plan.turns))
+        new_ids = encode(self.bundle.tokenizer, conversation(r.turns + plan.turns, r.turn.system))
         keep = back_out_of_runs(new_ids, longest_common_prefix(r.ids, new_ids), self.run_tokens)
         limit = min(self.max_seq_len, self.cache.capacity)
         if len(new_ids) > limit:

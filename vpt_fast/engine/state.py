@@ -48,6 +48,7 @@ class GenerationResult:
     perception: Any = None  # spec.PerceptionResult of the first round
     error: str | None = None
     logits: list[torch.Tensor] | None = None  # with return_logits: (vocab,) logits behind each of token_ids
+    prompt_tokens: int = 0  # tokens of the round-1 prompt
 
 
 @dataclass
@@ -152,9 +153,10 @@ class Request:
         self.generator: torch.Generator | None = None  # made on the model's device at admission when sampling
         # the conversation
         self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
-        self.turns: list[tuple[str, str]] = [("user", turn.user)] if turn is not None else []
-        self.images: list[Any] = [turn.first] if turn is not None else []  # every image of the conversation, in order
-        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *turn.original.size)] if turn is not None else []
+        self.turns: list[tuple[str, str]] = list(turn.turns) if turn is not None else []
+        has_image = turn is not None and turn.first is not None
+        self.images: list[Any] = [turn.first] if has_image else []  # every image of the conversation, in order
+        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *turn.original.size)] if has_image else []
         self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
         # the sequence and the cache
         self.ids: list[int] = []
