@@ -1,4 +1,4 @@
-"""`vpt-fast run | make-tiny`: answer questions about images with a VPT model.
+"""`vpt-fast run | serve | make-tiny`: answer questions about images with a VPT model.
 
 Exit status: 0 when every request was answered, 1 when a request failed (finish reason
 `error` or `no_room`) or the model could not be loaded, 2 for a usage error. Errors are
@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import spec
+from .chat import with_trigger
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_FORCE = "<|region_token_start|><|x_2|><|y_3|><|x_5|><|y_5|><|region_token_end|><|im_end|>"
@@ -32,10 +32,7 @@ def _images(parser: argparse.ArgumentParser, path: str) -> list[Path]:
 
 
 def _prompt(question: str, mode: str) -> str:
-    trigger = {"region": spec.REGION_TRIGGER, "reencode": spec.REENCODE_TRIGGER, "free": None}[mode]
-    text = question.rstrip()
-    if trigger:
-        text = f"{text} {trigger}."
+    text = with_trigger(question.rstrip(), mode)
     return text if "<image>" in text else "<image>\n" + text
 
 
@@ -164,6 +161,31 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .checkpoint import resolve_device
+
+    parser = args.parser
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        parser.error(f"serving needs the serve extra: pip install 'vpt_fast[serve]' ({e})")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+    args.device = device
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.model is not None and not Path(args.model).is_dir():
+        parser.error(f"--model: {args.model} is not a checkpoint folder")
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        parser.error(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a folder")
+    from .serving.server import serve
+
+    return serve(args)
+
+
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny_checkpoint
 
@@ -215,12 +237,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
                      help="single-pass engine, or the two-round reference flow (slow, for comparison)")
     run.set_defaults(func=cmd_run, parser=run)
+    serve = sub.add_parser("serve", help="serve the OpenAI chat-completions protocol (needs vpt_fast[serve])")
+    serve.add_argument("--model", help="a VPT or Qwen2-VL checkpoint folder (default: the tiny random demo one)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_int_at_least(1), default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: the folder's name)")
+    serve.add_argument("--allowed-local-media-path", metavar="DIR", help="accept file:// image URLs inside DIR")
+    serve.add_argument("--max-image-bytes", type=_int_at_least(1), default=20 * 2**20)
+    serve.add_argument("--max-image-pixels", type=_int_at_least(1), default=64_000_000)
+    serve.add_argument("--max-queue", type=_int_at_least(1), default=1024, help="requests waiting before 429s")
+    serve.add_argument("--max-batch-size", type=_int_at_least(1), default=32)
+    serve.add_argument("--max-seq-len", type=_int_at_least(2), default=4096)
+    serve.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")
+    serve.add_argument("--default-max-tokens", type=_int_at_least(1), default=256,
+                       help="the token limit of a round when a request gives none")
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="default: bfloat16 on a GPU, float32 on the CPU")
+    serve.set_defaults(func=cmd_serve, parser=serve)
     tiny = sub.add_parser("make-tiny", help="write a tiny random VPT checkpoint in the released format")
     tiny.add_argument("out")
     tiny.add_argument("--variant", choices=["region", "clip", "dino", "sam"], default="region")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny, parser=tiny)
-    for p in (run, tiny):
+    for p in (run, serve, tiny):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
