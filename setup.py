@@ -73,7 +73,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "openai", "httpx"],
     },
     entry_points={"console_scripts": ["vpt-fast=vpt_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -11,9 +11,14 @@ engine. The rates are fractions of the capacity measured first (requests/s of a 
 max_batch_size requests arriving at once), so the highest keeps about max_batch_size
 streams in flight.
 
+With --http the same Poisson load also goes through the OpenAI-compatible server (started
+in this process on 127.0.0.1, images sent as data: URLs, streamed, with the async `openai`
+client), and the HTTP overhead per request (a lone request over HTTP against the same
+request in process) is printed. It needs the serve extra and the openai package.
+
     python benchmarks/serving.py                     # GPU, 2B shapes, bf16
     python benchmarks/serving.py --quick             # GPU, fewer requests
-    python benchmarks/serving.py --device cpu --quick
+    python benchmarks/serving.py --device cpu --quick --http
 """
 
 from __future__ import annotations
@@ -101,6 +106,71 @@ def summarize(arrivals: list[Arrival], makespan: float) -> dict:
                 tpot_p50_ms=statistics.median(tpot) * 1e3, tpot_p90_ms=percentile(tpot, 90) * 1e3)
 
 
+def start_server(engine: Engine):
+    """(base URL, uvicorn server, thread) of the OpenAI-compatible app over `engine`, in a thread."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from vpt_fast.engine import AsyncEngine
+    from vpt_fast.serving.app import ServeConfig, build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(AsyncEngine(engine), ServeConfig(model_name="bench")),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1", server, thread
+
+
+def serve_http(base_url: str, bundle, arrivals: list[Arrival]) -> float:
+    """Send the arrivals to the server as streamed chat completions; fills their times; the makespan."""
+    import asyncio
+    import base64
+    import io
+
+    from openai import AsyncOpenAI
+
+    tok = bundle.tokenizer
+
+    def url(image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    async def one(client, a: Arrival, start: float):
+        await asyncio.sleep(max(0.0, a.at - (time.perf_counter() - start)))
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(a.image)}},
+                                                 {"type": "text", "text": QUESTION.removeprefix("<image>")}]}]
+        extra = {"vpt_force": tok.decode(a.forced, skip_special_tokens=False)} if a.forced else {}
+        stream = await client.chat.completions.create(model="bench", messages=messages, temperature=0, stream=True,
+                                                      max_tokens=a.params.max_new_tokens, extra_body=extra)
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            if a.first_token is None and (choice.delta.content or "perception" in (choice.model_extra.get("vpt") or {})):
+                a.first_token = time.perf_counter() - start
+            if choice.finish_reason:
+                a.tokens = len(choice.model_extra["vpt"]["token_ids"])
+        a.done = time.perf_counter() - start
+        a.first_token = a.done if a.first_token is None else a.first_token
+
+    async def run():
+        client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, a, start) for a in arrivals))
+        await client.close()
+
+    asyncio.run(run())
+    return max(a.done for a in arrivals) - arrivals[0].at
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the engine (and of a static batch)")
     ap.add_argument("--rates", type=float, nargs=3, default=(0.25, 0.5, 1.0),
                     help="arrival rates as fractions of the estimated capacity")
+    ap.add_argument("--http", action="store_true", help="also send the load through the OpenAI-compatible server")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -134,6 +205,18 @@ def main(argv=None) -> int:
     print(f"lone request: first token {lone_ttft * 1e3:.1f} ms, {lone_latency:.3f} s for {lone[0].tokens} tokens; "
           f"a burst of {args.batch}: {capacity:.2f} requests/s")
 
+    if args.http:
+        base_url, server, thread = start_server(engine)
+        requests = [workload(bundle, 1, 1.0, (16, 16), seed=90 + k) for k in range(6)]
+        for request in requests:
+            request[0].at = 0.0
+        direct = statistics.median(serve(engine, r, device, continuous=True) for r in requests)
+        for request in requests:
+            request[0].first_token = request[0].done = None
+        over_http = statistics.median(serve_http(base_url, bundle, r) for r in requests)
+        print(f"HTTP overhead per request: {(over_http - direct) * 1e3:.1f} ms (a lone request, its 640x480 image "
+              f"sent as a PNG data: URL: {over_http * 1e3:.1f} ms over HTTP, {direct * 1e3:.1f} ms in process)")
+
     rows = []
     for fraction in args.rates:
         rate = fraction * capacity
@@ -145,6 +228,10 @@ def main(argv=None) -> int:
             stats = summarize(arrivals, serve(engine, arrivals, device, continuous=mode == "continuous"))
             stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None
             row.update({f"{mode}_{k}": v for k, v in stats.items()})
+        if args.http:
+            arrivals = workload(bundle, n, rate, answer, seed=int(fraction * 1000))
+            stats = summarize(arrivals, serve_http(base_url, bundle, arrivals))
+            row.update({f"http_{k}": v for k, v in stats.items()})
         row["throughput_ratio"] = row["continuous_req_per_s"] / row["static_req_per_s"]
         row["ttft_p90_vs_lone"] = row["continuous_ttft_p90_s"] / lone_ttft
         rows.append(row)
@@ -163,7 +250,19 @@ def main(argv=None) -> int:
                        ("static_tpot_p50_ms", "static TPOT p50 ms"), ("continuous_tpot_p50_ms", "TPOT p50 ms"),
                        ("continuous_tpot_p90_ms", "TPOT p90 ms"), ("continuous_tok_per_s", "tok/s"),
                        ("static_peak_gib", "static peak GiB"), ("continuous_peak_gib", "peak GiB")])
-    js, mdp = write_results("serving", env, [dict(lone_ttft_s=lone_ttft, lone_latency_s=lone_latency)] + rows, md)
+    head = dict(lone_ttft_s=lone_ttft, lone_latency_s=lone_latency)
+    if args.http:
+        md += ("\n\nOver HTTP (the OpenAI-compatible server, streamed; first output = the first content or "
+               "perception chunk):\n\n" + table(rows, [
+                   ("rate", "arrivals/s"), ("http_req_per_s", "HTTP req/s"), ("continuous_req_per_s", "in-process req/s"),
+                   ("http_ttft_p50_s", "HTTP first output p50 s"), ("http_ttft_p90_s", "HTTP first output p90 s"),
+                   ("http_tpot_p50_ms", "HTTP TPOT p50 ms")]))
+        md += (f"\n\nHTTP overhead per request (lone, median of 6; the client encodes the 640x480 image as a PNG "
+               f"data: URL, the server decodes it): {(over_http - direct) * 1e3:.1f} ms.")
+        head.update(http_overhead_s=over_http - direct)
+        server.should_exit = True
+        thread.join(timeout=60)
+    js, mdp = write_results("serving", env, [head] + rows, md)
     print(md)
     print(f"wrote {js}, {mdp}")
     try:

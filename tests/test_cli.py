@@ -147,3 +147,16 @@ def test_readable_escapes_control_characters():
     assert readable("a\nb\tc\x0b\x00") == "a\\nb\\tc\\x0b\\x00"
     assert readable("caf\u00e9 \u4e2d\u6587 \U0001f600") == "caf\u00e9 \u4e2d\u6587 \U0001f600"
     assert readable("x\u202ey") == "x\\u202ey"  # a right-to-left override would reorder the line
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "/nowhere/at/all"], "--model: /nowhere/at/all is not a checkpoint folder"),
+    (["--device", "meta"], "--device: device 'meta' is not supported"),
+    (["--allowed-local-media-path", "/no/such/folder"], "is not a folder"),
+    (["--port", "0"], "argument --port: must be at least 1"),
+])
+def test_serve_usage_errors(capsys, extra, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve"] + extra)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "usage: vpt-fast serve" in err

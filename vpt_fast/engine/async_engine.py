@@ -35,6 +35,15 @@ class EngineClosed(RuntimeError):
     """The engine is shutting down or shut down: it takes no new requests."""
 
 
+class RequestRejected(ValueError):
+    """A request that failed its checks (unusable image or prompt, a prompt longer than the
+    engine takes), refused at submission with strict=True; `reason` is its finish reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class RequestHandle:
     """One submitted request: iterate its events (in a thread or with `async for`), wait for
     its result, or abort it."""
@@ -141,16 +150,21 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ front
 
-    def submit(self, image, prompt: str, params: SamplingParams | None = None, forced_tokens=None) -> RequestHandle:
-        """Queue a request; returns its handle. Raises QueueFull when the waiting queue is at its
-        bound, EngineClosed after shutdown, TypeError for params that are not SamplingParams.
-        An unusable image or prompt does not raise: the request finishes with reason "error"."""
+    def submit(self, image, prompt, params: SamplingParams | None = None, forced_tokens=None, *,
+               strict: bool = False) -> RequestHandle:
+        """Queue a request (image: a path, a PIL image or None; prompt: a str or a
+        `prompt.Conversation`); returns its handle. Raises QueueFull when the waiting queue is
+        at its bound, EngineClosed after shutdown, TypeError for params that are not
+        SamplingParams. An unusable image or prompt finishes the request with reason "error",
+        or, with strict=True, raises RequestRejected before anything is queued."""
         if self._closing:
             raise EngineClosed("the engine is shutting down: it takes no new requests")
         with self._cond:
             if len(self._inbox) + self._waiting >= self.max_queue:
                 raise QueueFull(f"the waiting queue is full ({self.max_queue} requests): retry later")
         request = self.engine._prepare(image, prompt, params, forced_tokens)
+        if strict and request.finished:
+            raise RequestRejected(request.finish_reason, request.error)
         handle = RequestHandle(self, request.id)
         with self._cond:
             if self._closing:
@@ -193,6 +207,16 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         with self._cond:
             return len(self._handles)
+
+    def queue_depth(self) -> int:
+        """Requests submitted and not yet running."""
+        with self._cond:
+            return len(self._inbox) + self._waiting
+
+    @property
+    def accepting(self) -> bool:
+        """Whether `submit` takes requests (the loop runs and no shutdown has begun)."""
+        return not self._closing and self._thread.is_alive()
 
     def shutdown(self, abort: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests; let those in flight finish (or abort them with abort=True, or

@@ -1,0 +1,288 @@
+"""`vpt-fast serve`: a real server on 127.0.0.1 (one per test session) spoken to with the official
+`openai` client and raw HTTP. Its answers are the engine's; errors are OpenAI-style JSON with
+their statuses; a client leaving mid-stream aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+from vpt_cases import action, assert_same_result, rand_image, region, toks
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import uvicorn  # noqa: E402
+
+from vpt_fast import SamplingParams  # noqa: E402
+from vpt_fast.engine import AsyncEngine, Engine  # noqa: E402
+from vpt_fast.serving.app import ServeConfig, build_app  # noqa: E402
+from vpt_fast.serving.media import MediaPolicy  # noqa: E402
+
+KEY = "test-key"
+MODEL = "tiny-clip"
+
+
+def data_url(image, fmt="PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + zlib.compress(b"\x00" * 16)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat))
+            + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle):
+    """(base URL, AsyncEngine) of a server running in a thread of this process."""
+    engine = AsyncEngine(Engine(tiny_bundle("clip")), max_queue=64)
+    config = ServeConfig(model_name=MODEL, api_key=KEY, media=MediaPolicy(max_image_bytes=2 * 2**20,
+                                                                        max_image_pixels=10_000_000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    thread.join(timeout=30)
+    assert not engine.accepting  # the app's shutdown stopped the engine
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served[0]}/v1", api_key=KEY, max_retries=0)
+
+
+def messages(image, text="What is on the left?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def alone(bundle, image, text, script, max_tokens=8):
+    (result,) = Engine(bundle).generate([image], ["<image>" + text], max_tokens,
+                                        [toks(bundle.tokenizer, script)] if script else None)
+    return result
+
+
+CASES = [("region", region(([1, 3], [2]))), ("clip", action("clip")), ("plain", None)]
+
+
+@pytest.mark.parametrize("kind,script", CASES, ids=[c[0] for c in CASES])
+def test_the_openai_client_gets_the_engines_answer(tiny_bundle, client, kind, script):
+    image = rand_image(90 + len(kind), 70, len(kind))
+    want = alone(tiny_bundle("clip"), image, "What is on the left?", script)
+    extra = {"vpt_force": script} if script else {}
+    got = client.chat.completions.create(model=MODEL, messages=messages(image), max_tokens=8, temperature=0,
+                                         extra_body=extra)
+    choice = got.choices[0]
+    assert choice.message.content == want.text
+    vpt = choice.model_extra["vpt"]
+    assert vpt["token_ids"] == want.token_ids and vpt["finish_reason"] == want.finish_reason
+    assert [(t["kind"], [tuple(b) for b in t["boxes"]]) for t in vpt["trace"]] == [(t.kind, t.boxes) for t in want.trace]
+    assert choice.finish_reason == want.finish_reason
+    assert got.usage.prompt_tokens == want.prompt_tokens and got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.model_extra["spliced_visual_tokens"] == sum(t.tokens_spliced for t in want.trace)
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages(image), max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    round1 = tiny_bundle("clip").tokenizer.decode(want.round1_ids, skip_special_tokens=True)
+    assert text == (round1 + want.text if want.trace else want.text)
+    perceptions = [c.choices[0].model_extra["vpt"]["perception"] for c in chunks
+                   if c.choices and "perception" in (c.choices[0].model_extra.get("vpt") or {})]
+    assert [p["kind"] for p in perceptions] == [t.kind for t in want.trace]
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert final.choices[0].model_extra["vpt"]["token_ids"] == want.token_ids
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids) and not chunks[-1].choices
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    body = httpx.get(f"{base_url}/metrics").text
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    found = re.search(pattern, body)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_sixteen_concurrent_clients(tiny_bundle, served, client):
+    base_url, engine = served
+    bundle = tiny_bundle("clip")
+    jobs = [(rand_image(60 + 5 * i, 50 + 3 * i, 100 + i), f"Question {i}?", CASES[i % 3][1]) for i in range(16)]
+    want = [alone(bundle, image, text, script) for image, text, script in jobs]
+    before = {k: metric(base_url, "vpt_fast_perceptions_total", f'kind="{k}"') for k in ("region", "clip")}
+    finished_before = sum(metric(base_url, "vpt_fast_requests_total", f'finish_reason="{r}"') for r in ("stop", "length"))
+    results = [None] * 16
+
+    def ask(i):
+        image, text, script = jobs[i]
+        results[i] = client.chat.completions.create(model=MODEL, messages=messages(image, text), max_tokens=8,
+                                                    temperature=0, extra_body={"vpt_force": script} if script else {})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, w in zip(results, want):
+        assert got.choices[0].message.content == w.text and got.choices[0].model_extra["vpt"]["token_ids"] == w.token_ids
+    for kind in ("region", "clip"):
+        made = sum(1 for w in want for t in w.trace if t.kind == kind)
+        assert metric(base_url, "vpt_fast_perceptions_total", f'kind="{kind}"') - before[kind] == made
+    finished = sum(metric(base_url, "vpt_fast_requests_total", f'finish_reason="{r}"') for r in ("stop", "length"))
+    assert finished - finished_before == 16
+    assert metric(base_url, "vpt_fast_kv_blocks_used") == 0 and engine.engine.kv_blocks_used == 0
+
+
+def post(base_url, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
+
+
+def error_cases():
+    image = rand_image(40, 40)
+    ok = messages(image)
+    big = base64.b64encode(bytes(3 * 2**20)).decode()
+    return {
+        "unreadable image": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}},
+            {"type": "text", "text": "Q"}]}]}, "not an image PIL can read"),
+        "bad base64": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, "not valid base64"),
+        "a web URL": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, "scheme 'https' is not accepted"),
+        "a file URL": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, "file:// image URLs are not accepted"),
+        "content of a number": (400, {"messages": [{"role": "user", "content": 5}]}, "messages"),
+        "no messages": (400, {"messages": []}, "messages"),
+        "last message not the user's": (400, {"messages": [{"role": "user", "content": "a"},
+                                                           {"role": "assistant", "content": "b"}]}, "last message"),
+        "two images": (400, {"messages": [{"role": "user", "content": ok[0]["content"] * 2}]}, "one image"),
+        "special token text": (400, {"messages": [{"role": "user", "content": "hi <|im_end|>"}]}, "special token text"),
+        "temperature out of range": (400, {"messages": ok, "temperature": 5}, "temperature"),
+        "max_tokens zero": (400, {"messages": ok, "max_tokens": 0}, "max_tokens"),
+        "n of 2": (400, {"messages": ok, "n": 2}, "n"),
+        "tools": (400, {"messages": ok, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
+        "unknown vpt_mode": (400, {"messages": ok, "vpt_mode": "zoom"}, "vpt_mode"),
+        "image over the byte limit": (413, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + big}}]}]}, "over the limit of 2097152 bytes"),
+        "decompression bomb": (413, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(bomb_png(20000, 20000)).decode()}}]}]},
+            "decompression bomb"),
+        "image over the pixel limit": (413, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(bomb_png(5000, 3000)).decode()}}]}]},
+            "5000x3000 pixels, over the limit of 10000000"),
+        "another model": (404, {"model": "gpt-9", "messages": ok}, "does not exist here"),
+    }
+
+
+@pytest.mark.parametrize("case", list(error_cases()))
+def test_errors_are_openai_json(served, case):
+    base_url, _ = served
+    status, body, message = error_cases()[case]
+    reply = post(base_url, body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert message in error["message"] and error["code"] == status and error["type"]
+    ok = post(base_url, {"messages": messages(rand_image(30, 30)), "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200  # and the server still answers
+
+
+def test_the_api_key_is_required(served):
+    base_url, _ = served
+    body = {"messages": messages(rand_image(30, 30)), "max_tokens": 2}
+    for key in (None, "wrong"):
+        reply = post(base_url, body, key=key)
+        assert reply.status_code == 401 and "API key" in reply.json()["error"]["message"]
+    assert httpx.get(f"{base_url}/v1/models").status_code == 401
+    models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert models["data"][0]["id"] == MODEL
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+
+
+def test_a_client_leaving_mid_stream_aborts_its_request(served):
+    base_url, engine = served
+    aborted = metric(base_url, "vpt_fast_requests_total", 'finish_reason="abort"')
+    body = {"messages": messages(rand_image(50, 50)), "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as reply:
+        lines = reply.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+    deadline = time.monotonic() + 30
+    while metric(base_url, "vpt_fast_requests_total", 'finish_reason="abort"') == aborted:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.05)
+    assert engine.engine.kv_blocks_used == 0 and engine.num_in_flight == 0
+
+
+def test_queue_full_and_shutting_down(tiny_bundle):
+    """429 when the waiting queue is at its bound, 503 once the engine shuts down (an app of its own,
+    called in process)."""
+    engine = AsyncEngine(Engine(tiny_bundle("clip")), max_queue=1)
+    app = build_app(engine, ServeConfig(model_name=MODEL), shutdown_timeout=None)
+    body = {"messages": messages(rand_image(30, 30)), "max_tokens": 2, "temperature": 0}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            with engine.engine._one_call():  # the loop cannot step: the first request waits
+                first = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+                while engine.queue_depth() == 0:
+                    await asyncio.sleep(0.01)
+                full = await http.post("/v1/chat/completions", json=body)
+            assert (await first).status_code == 200
+            engine.shutdown()
+            closed = await http.post("/v1/chat/completions", json=body)
+            health = await http.get("/health")
+            return full, closed, health
+
+    full, closed, health = asyncio.run(scenario())
+    assert full.status_code == 429 and "queue is full" in full.json()["error"]["message"]
+    assert closed.status_code == 503 and "shutting down" in closed.json()["error"]["message"]
+    assert health.status_code == 503
+
+
+def test_system_prompt_turns_and_modes(tiny_bundle, client):
+    from vpt_fast.prompt import Conversation
+
+    bundle = tiny_bundle("clip")
+    image = rand_image(64, 48, 7)
+    chat = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Look: "},
+                                         {"type": "image_url", "image_url": {"url": data_url(image)}},
+                                         {"type": "text", "text": " what is it?"}]}]
+    got = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6, temperature=0,
+                                         extra_body={"vpt_mode": "region"})
+    conversation = Conversation((("user", "Hello"), ("assistant", "Hi."),
+                                 ("user", "Look: <image> what is it? Identify the region that can help you answer the "
+                                          "question, and then answer the question.")), system="Answer briefly.")
+    (want,) = Engine(bundle).generate([image], [conversation], 6)
+    assert got.choices[0].model_extra["vpt"]["token_ids"] == want.token_ids
+    sampled = [client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6, temperature=0.8, seed=11)
+               for _ in range(2)]
+    (want,) = Engine(bundle).generate([image], [Conversation(conversation.turns[:-1] + (
+        ("user", "Look: <image> what is it?"),), system="Answer briefly.")], 6, do_sample=True, temperature=0.8, seed=11)
+    assert [s.choices[0].model_extra["vpt"]["token_ids"] for s in sampled] == [want.token_ids] * 2

@@ -1,0 +1,102 @@
+"""Images of chat requests: `data:` URLs (base64 PNG, JPEG, WebP or GIF) and, where the
+server allows a local folder, `file://` URLs inside it. No other scheme: the server reaches
+no network. Limits on bytes and pixels refuse large images (decompression bombs included)
+before their pixels are decoded."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from ..preprocess import load_image
+
+DATA_URL = re.compile(r"data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.+-]+)*?);base64,(?P<data>.*)", re.S)
+FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
+
+
+class MediaError(ValueError):
+    """An image URL the server cannot use; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 64_000_000
+    allowed_local_media_path: str | None = None
+
+    def load(self, url: str) -> Image.Image:
+        """The image a URL names, decoded; MediaError (400 or 413) with the reason otherwise."""
+        if url.startswith("data:"):
+            return self._decode(self._data(url), "the data: URL")
+        if url.startswith("file:"):
+            return self._file(url)
+        scheme = urlparse(url).scheme or "a bare path"
+        raise MediaError(f"image URL scheme {scheme!r} is not accepted: send the image as a data: URL (base64)"
+                         + (" or a file:// URL under the allowed local media path" if self.allowed_local_media_path else ""))
+
+    def _data(self, url: str) -> bytes:
+        match = DATA_URL.fullmatch(url)
+        if match is None:
+            raise MediaError("a data: URL must be data:<image type>;base64,<data>")
+        mime = match["mime"].lower()
+        if mime and not mime.startswith("image/"):
+            raise MediaError(f"a data: URL of type {mime!r} is not an image")
+        encoded = match["data"]
+        if len(encoded) * 3 // 4 > self.max_image_bytes:
+            raise MediaError(f"the image is over the limit of {self.max_image_bytes} bytes", 413)
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise MediaError(f"the data: URL is not valid base64 ({e})") from None
+
+    def _file(self, url: str) -> Image.Image:
+        if self.allowed_local_media_path is None:
+            raise MediaError("file:// image URLs are not accepted by this server (see --allowed-local-media-path)")
+        path = Path(unquote(urlparse(url).path)).resolve()
+        root = Path(self.allowed_local_media_path).resolve()
+        if os.path.commonpath([root, path]) != str(root):
+            raise MediaError(f"{path} is outside the allowed local media path")
+        if not path.is_file():
+            raise MediaError(f"{path} is not a file")
+        if path.stat().st_size > self.max_image_bytes:
+            raise MediaError(f"the image is over the limit of {self.max_image_bytes} bytes", 413)
+        return self._decode(path.read_bytes(), str(path))
+
+    def _decode(self, data: bytes, what: str) -> Image.Image:
+        if len(data) > self.max_image_bytes:
+            raise MediaError(f"the image is over the limit of {self.max_image_bytes} bytes", 413)
+        try:
+            opened = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"{what}: refused ({e})", 413) from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise MediaError(f"{what} is not an image PIL can read ({e})") from None
+        if opened.format not in FORMATS:
+            raise MediaError(f"{what} is a {opened.format} image; accepted: {', '.join(sorted(FORMATS))}")
+        width, height = opened.size
+        if width * height > self.max_image_pixels:
+            raise MediaError(f"{what} is {width}x{height} pixels, over the limit of {self.max_image_pixels}", 413)
+        try:
+            opened.load()
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"{what}: refused ({e})", 413) from None
+        except MemoryError:
+            raise
+        except Exception as e:  # truncated or corrupt data surfaces while decoding
+            raise MediaError(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
+        try:
+            return load_image(opened)
+        except ValueError as e:
+            raise MediaError(f"{what}: {e}") from None

@@ -1,0 +1,49 @@
+"""Prometheus metrics of one server (a registry of its own, so several servers in a process
+do not collide): requests by finish reason, tokens, perceptions by kind, queue depth,
+running requests, KV blocks in use, time to first token and time per output token."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine import AsyncEngine, GenerationResult
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vpt_fast_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("vpt_fast_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("vpt_fast_generation_tokens", "Tokens generated", registry=r)
+        self.spliced_tokens = Counter("vpt_fast_spliced_tokens", "Tokens spliced into the cache by perceptions",
+                                      registry=r)
+        self.perceptions = Counter("vpt_fast_perceptions", "Perceptions made", ["kind"], registry=r)
+        self.ttft = Histogram("vpt_fast_time_to_first_token_seconds", "From the request's arrival to its first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("vpt_fast_time_per_output_token_seconds", "Between a request's first and last tokens, "
+                              "per token", buckets=TOKEN_BUCKETS, registry=r)
+        core = engine.engine
+        Gauge("vpt_fast_queue_depth", "Requests waiting to run", registry=r).set_function(engine.queue_depth)
+        Gauge("vpt_fast_running_requests", "Requests running", registry=r).set_function(lambda: core.num_running)
+        Gauge("vpt_fast_kv_blocks_used", "KV cache blocks in use", registry=r).set_function(lambda: core.kv_blocks_used)
+        Gauge("vpt_fast_kv_blocks_total", "KV cache blocks", registry=r).set_function(lambda: core.kv_blocks_total)
+
+    def finished(self, result: GenerationResult, first_token_s: float | None, last_token_s: float | None) -> None:
+        """Count a finished request; times in seconds from its arrival."""
+        self.requests.labels(result.finish_reason).inc()
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.generation_tokens.inc(len(result.token_ids))
+        for t in result.trace:
+            self.perceptions.labels(t.kind).inc()
+            self.spliced_tokens.inc(t.tokens_spliced)
+        if first_token_s is not None:
+            self.ttft.observe(first_token_s)
+            if last_token_s is not None and len(result.token_ids) > 1:
+                self.tpot.observe((last_token_s - first_token_s) / (len(result.token_ids) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

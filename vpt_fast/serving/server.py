@@ -1,0 +1,42 @@
+"""`vpt-fast serve`: load a checkpoint (or the demo one), start the engine loop and the
+OpenAI-compatible app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..engine import AsyncEngine, Engine
+from .app import ServeConfig, build_app
+from .media import MediaPolicy
+
+logger = logging.getLogger("vpt_fast.serving")
+
+
+def make_app(args):
+    """The app `vpt-fast serve` runs, from its parsed arguments."""
+    from ..checkpoint import load_vpt_checkpoint
+
+    if args.model is None:
+        from ..tiny import demo_checkpoint
+
+        model_path = demo_checkpoint("region")
+        logger.warning("no --model given: serving a tiny RANDOM checkpoint (%s); its answers are noise", model_path)
+    else:
+        model_path = Path(args.model)
+    bundle = load_vpt_checkpoint(model_path, dtype=args.dtype, device=args.device)
+    engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+                    kv_cache_gib=args.kv_cache_gib)
+    media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                        allowed_local_media_path=args.allowed_local_media_path)
+    config = ServeConfig(model_name=args.served_model_name or model_path.name, api_key=args.api_key, media=media,
+                         default_max_tokens=args.default_max_tokens)
+    return build_app(AsyncEngine(engine, max_queue=args.max_queue), config)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    app = make_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
