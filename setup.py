@@ -74,6 +74,7 @@ setup(
         "triton": ["triton>=3.6"],
         "flash": ["flash-attn>=2.6"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        "ray": ["ray[data,serve]>=2.60", "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "openai", "httpx"],
     },
     entry_points={"console_scripts": ["vpt-fast=vpt_fast.cli:main"]},

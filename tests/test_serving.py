@@ -26,7 +26,7 @@ import uvicorn  # noqa: E402
 from vpt_fast import SamplingParams  # noqa: E402
 from vpt_fast.engine import AsyncEngine, Engine  # noqa: E402
 from vpt_fast.serving.app import ServeConfig, build_app  # noqa: E402
-from vpt_fast.serving.media import MediaPolicy  # noqa: E402
+from vpt_fast.media import MediaPolicy  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-clip"

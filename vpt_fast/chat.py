@@ -34,6 +34,13 @@ def with_trigger(text: str, mode: str | None) -> str:
     return f"{text.rstrip()} {trigger}." if trigger else text
 
 
+def question_prompt(question: str, mode: str | None) -> str:
+    """The prompt of a question about a request's image, as the published evaluation asks it: the
+    image first (unless the question places it with `<image>`), the trigger sentence of `mode`."""
+    text = with_trigger(question.rstrip(), mode)
+    return text if IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + "\n" + text
+
+
 def _image_of(part: Mapping[str, Any], where: str) -> Any:
     kind = part.get("type")
     if kind == "image_url":

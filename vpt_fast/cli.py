@@ -1,8 +1,9 @@
-"""`vpt-fast run | serve | make-tiny`: answer questions about images with a VPT model.
+"""`vpt-fast run | eval | serve | make-tiny`: answer questions about images with a VPT model.
 
 Exit status: 0 when every request was answered, 1 when a request failed (finish reason
 `error` or `no_room`) or the model could not be loaded, 2 for a usage error. Errors are
-one line on stderr; `--debug` adds the traceback.
+one line on stderr; `--debug` adds the traceback. `eval` exits 0 once every item has a
+row, error rows included (they are counted in its summary).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .chat import with_trigger
+from .chat import question_prompt
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_FORCE = "<|region_token_start|><|x_2|><|y_3|><|x_5|><|y_5|><|region_token_end|><|im_end|>"
@@ -29,11 +30,6 @@ def _images(parser: argparse.ArgumentParser, path: str) -> list[Path]:
     if not p.exists():
         parser.error(f"--image: {p} does not exist")
     return [p]
-
-
-def _prompt(question: str, mode: str) -> str:
-    text = with_trigger(question.rstrip(), mode)
-    return text if "<image>" in text else "<image>\n" + text
 
 
 def _force_ids(tokenizer, text: str | None) -> list[int] | None:
@@ -91,7 +87,7 @@ def _looked_at(result, pipeline: str) -> tuple[list, list[str]]:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from .checkpoint import load_vpt_checkpoint, resolve_device
+    from .checkpoint import load_vpt_checkpoint
     from .picture import readable, trace_picture
 
     parser = args.parser
@@ -99,10 +95,7 @@ def cmd_run(args) -> int:
     traces_out = _trace_paths(parser, args.trace_image, images)
     if not args.question.strip():
         parser.error("--question is empty")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(f"--device: {e}")
+    device = _device(parser, args.device)
     if args.dtype is None:
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     force = args.force
@@ -119,7 +112,7 @@ def cmd_run(args) -> int:
             parser.error(f"--model: {model_path} is not a checkpoint folder")
     bundle = load_vpt_checkpoint(model_path, dtype=args.dtype, device=device)
     forced = _force_ids(bundle.tokenizer, force)
-    prompt = _prompt(args.question, args.mode)
+    prompt = question_prompt(args.question, args.mode)
     if args.pipeline == "engine":
         from .engine import Engine
 
@@ -161,29 +154,85 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from .checkpoint import resolve_device
-
+def cmd_eval(args) -> int:
     parser = args.parser
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        parser.error(f"serving needs the serve extra: pip install 'vpt_fast[serve]' ({e})")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(f"--device: {e}")
-    args.device = device
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if args.model is not None and not Path(args.model).is_dir():
-        parser.error(f"--model: {args.model} is not a checkpoint folder")
-    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
-        parser.error(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a folder")
-    from .serving.server import serve
+    data = Path(args.data)
+    if not data.is_file():
+        parser.error(f"DATA: {data} is not a file")
+    out = Path(args.out)
+    if out.is_dir():
+        parser.error(f"--out: {out} is a folder; give a file such as {out / 'results.jsonl'}")
+    if not out.parent.is_dir():
+        parser.error(f"--out: the folder {out.parent} does not exist")
+    if out.resolve() == data.resolve():
+        parser.error("--out must not be the input file")
+    model, force = _model(parser, args.model), args.force
+    if model is None:
+        print("No --model given: using a tiny RANDOM checkpoint. Its answers are noise; a region selection is "
+              "scripted so the whole perception path runs.\n")
+        force = force or DEMO_FORCE
+    if args.ray is None:
+        from .checkpoint import load_vpt_checkpoint
+        from .engine import Engine
+        from .eval import evaluate
+        from .tiny import demo_checkpoint
 
-    return serve(args)
+        if args.workers != 1 or args.gpus_per_worker is not None:
+            parser.error("--workers and --gpus-per-worker need --ray")
+        device = _device(parser, args.device)
+        dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        bundle = load_vpt_checkpoint(model or demo_checkpoint("region"), dtype=dtype, device=device)
+        try:
+            engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=max(args.batch_size, 1))
+        except ValueError as e:
+            parser.error(f"--max-seq-len: {e}")
+        summary = evaluate(data, out, engine, mode=args.mode, batch_size=args.batch_size, limit=args.limit,
+                           max_new_tokens=args.max_new_tokens, force=force, retry_errors=args.retry_errors)
+    else:
+        _needs(parser, "ray", "the ray extra: pip install 'vpt_fast[ray]'")
+        from .scale_out import evaluate_with_ray
+
+        gpus = 1.0 if args.gpus_per_worker is None else args.gpus_per_worker
+        summary = evaluate_with_ray(data, out, model=model, address=args.ray or None, workers=args.workers,
+                                    gpus_per_worker=gpus, mode=args.mode, batch_size=args.batch_size, limit=args.limit,
+                                    max_new_tokens=args.max_new_tokens, force=force, retry_errors=args.retry_errors,
+                                    engine_options={"max_seq_len": args.max_seq_len,
+                                                    "max_batch_size": args.batch_size},
+                                    device=args.device, dtype=args.dtype)
+    print(summary.text())
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    parser = args.parser
+    _needs(parser, "fastapi", "the serve extra: pip install 'vpt_fast[serve]'")
+    _needs(parser, "prometheus_client", "the serve extra: pip install 'vpt_fast[serve]'")
+    _needs(parser, "uvicorn", "the serve extra: pip install 'vpt_fast[serve]'")
+    args.model = _model(parser, args.model)
+    if args.allowed_local_media_path is not None:
+        if not Path(args.allowed_local_media_path).is_dir():
+            parser.error(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a folder")
+        args.allowed_local_media_path = str(Path(args.allowed_local_media_path).resolve())
+    if args.ray is None:
+        if args.replicas is not None or args.gpus_per_replica is not None or args.max_replicas is not None:
+            parser.error("--replicas, --gpus-per-replica and --max-replicas need --ray")
+        args.device = _device(parser, args.device)
+        args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+        from .serving.server import serve
+
+        return serve(args)
+    _needs(parser, "ray.serve", "the ray extra: pip install 'vpt_fast[ray]'")
+    from .scale_out import SERVE_OPTIONS, serve_with_ray
+
+    replicas = args.replicas or 1
+    if args.max_replicas is not None and args.max_replicas < replicas:
+        parser.error(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({replicas})")
+    options = {name: getattr(args, name) for name in SERVE_OPTIONS}
+    gpus = 1.0 if args.gpus_per_replica is None else args.gpus_per_replica
+    serve_with_ray(options, address=args.ray or None, host=args.host, port=args.port, replicas=replicas,
+                   gpus_per_replica=gpus, max_replicas=args.max_replicas)
+    return 0
 
 
 def cmd_make_tiny(args) -> int:
@@ -192,6 +241,48 @@ def cmd_make_tiny(args) -> int:
     folder = make_tiny_checkpoint(args.out, args.variant, seed=args.seed)
     print(f"wrote a tiny random {args.variant} checkpoint to {folder}")
     return 0
+
+
+def _device(parser: argparse.ArgumentParser, device: str | None):
+    """The torch device of --device (default: cuda when this machine has one)."""
+    from .checkpoint import resolve_device
+
+    try:
+        return resolve_device(device or _default_device())
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+
+
+def _model(parser: argparse.ArgumentParser, model: str | None) -> str | None:
+    """--model as an absolute path (Ray workers may run elsewhere), after checking it is a folder."""
+    if model is None:
+        return None
+    if not Path(model).is_dir():
+        parser.error(f"--model: {model} is not a checkpoint folder")
+    return str(Path(model).resolve())
+
+
+def _needs(parser: argparse.ArgumentParser, module: str, what: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        parser.error(f"this needs {what} ({e})")
+
+
+def _number_at_least(low: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    parse.__name__ = f"number >= {low}"
+    return parse
 
 
 def _int_at_least(low: int):
@@ -237,6 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
                      help="single-pass engine, or the two-round reference flow (slow, for comparison)")
     run.set_defaults(func=cmd_run, parser=run)
+    ev = sub.add_parser("eval", help="answer a JSONL dataset of questions about images, resumably (locally or on Ray)",
+                        description="Each DATA line is {\"id\", \"image\", \"question\", \"answer\"?} (image: a path "
+                                    "relative to DATA's folder, or a data: URL); each RESULTS line is {\"id\", "
+                                    "\"prediction\", \"finish_reason\", \"trace\", \"correct\"?, \"error\"?}. Ids "
+                                    "already in RESULTS are skipped, so an interrupted run resumes where it stopped.")
+    ev.add_argument("data", metavar="DATA.jsonl")
+    ev.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="appended to; created when missing")
+    ev.add_argument("--model", help="a VPT checkpoint folder (default: a tiny random one, built once and kept)")
+    ev.add_argument("--mode", choices=["region", "reencode", "free"], default="free",
+                    help="add the trigger sentence of the prompted models")
+    ev.add_argument("--force", help="round-1 tokens to script for every item, as text")
+    ev.add_argument("--batch-size", type=_int_at_least(1), default=8, help="items per engine batch (and per write)")
+    ev.add_argument("--limit", type=_int_at_least(1), default=None, help="only the first N items of DATA")
+    ev.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    ev.add_argument("--max-seq-len", type=_int_at_least(2), default=4096, help="KV cache positions per request")
+    ev.add_argument("--retry-errors", action="store_true", help="ask again the items whose RESULTS rows are errors")
+    ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; on Ray: "
+                    "cuda in each worker that has a GPU)")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default: bfloat16 on a GPU, float32 on the CPU")
+    ev.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run on Ray: alone, the cluster RAY_ADDRESS names or a new one on this machine; 'auto' for "
+                         "the cluster this machine is in; or the head's address (needs vpt_fast[ray])")
+    ev.add_argument("--workers", type=_int_at_least(1), default=1, help="Ray actors, one engine each")
+    ev.add_argument("--gpus-per-worker", type=_number_at_least(0), default=None, help="GPUs per actor (default 1)")
+    ev.set_defaults(func=cmd_eval, parser=ev)
     serve = sub.add_parser("serve", help="serve the OpenAI chat-completions protocol (needs vpt_fast[serve])")
     serve.add_argument("--model", help="a VPT or Qwen2-VL checkpoint folder (default: the tiny random demo one)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -255,13 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="default: bfloat16 on a GPU, float32 on the CPU")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="deploy on Ray Serve (needs vpt_fast[ray]): alone, the cluster RAY_ADDRESS names or a new "
+                            "one on this machine; 'auto' for the cluster this machine is in; or the head's address")
+    serve.add_argument("--replicas", type=_int_at_least(1), default=None, help="Ray Serve replicas (default 1)")
+    serve.add_argument("--gpus-per-replica", type=_number_at_least(0), default=None, help="GPUs per replica (default 1)")
+    serve.add_argument("--max-replicas", type=_int_at_least(1), default=None,
+                       help="autoscale between --replicas and this on ongoing requests per replica")
     serve.set_defaults(func=cmd_serve, parser=serve)
     tiny = sub.add_parser("make-tiny", help="write a tiny random VPT checkpoint in the released format")
     tiny.add_argument("out")
     tiny.add_argument("--variant", choices=["region", "clip", "dino", "sam"], default="region")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny, parser=tiny)
-    for p in (run, serve, tiny):
+    for p in (run, ev, serve, tiny):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
@@ -269,8 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "device", "") is None:
-        args.device = _default_device()
     from . import _hf_compat
 
     _hf_compat.quiet_transformers()

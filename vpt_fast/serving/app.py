@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app over an `AsyncEngine`.
 
 Routes: POST /v1/chat/completions (streaming with SSE or not), GET /v1/models, GET /health,
-GET /metrics (Prometheus text). Errors are OpenAI-style JSON bodies: 400 for an unreadable
+GET /metrics (Prometheus text); with `ServeConfig.replica_id`, every response names its
+replica in an `x-vpt-fast-replica` header. Errors are OpenAI-style JSON bodies: 400 for an unreadable
 image, a bad message or an out-of-range parameter, 401 for a wrong or missing key, 404 for
 another model name, 413 for an image over the byte or pixel limit, 429 when the waiting
 queue is full, 503 while shutting down. A client that goes away aborts its request.
@@ -27,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import from_messages
 from ..engine import AsyncEngine, EngineClosed, FinishEvent, PerceptionEvent, QueueFull, RequestRejected, TokenEvent
-from .media import MediaError, MediaPolicy
+from ..media import MediaError, MediaPolicy
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, Completion, error_json, trace_json, vpt_json
 
@@ -38,6 +39,7 @@ class ServeConfig:
     api_key: str | None = None
     media: MediaPolicy = MediaPolicy()
     default_max_tokens: int = 256
+    replica_id: str | None = None  # sent as the x-vpt-fast-replica header of every response (Ray Serve)
 
 
 class HTTPError(Exception):
@@ -92,6 +94,13 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
     tokenizer = engine.engine.bundle.tokenizer
     app.state.engine = engine
     app.state.metrics = metrics
+
+    if config.replica_id is not None:
+        @app.middleware("http")
+        async def _replica_header(request: Request, call_next):
+            response = await call_next(request)
+            response.headers["x-vpt-fast-replica"] = config.replica_id
+            return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

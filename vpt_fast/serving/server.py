@@ -7,14 +7,15 @@ import logging
 from pathlib import Path
 
 from ..engine import AsyncEngine, Engine
+from ..media import MediaPolicy
 from .app import ServeConfig, build_app
-from .media import MediaPolicy
 
 logger = logging.getLogger("vpt_fast.serving")
 
 
-def make_app(args):
-    """The app `vpt-fast serve` runs, from its parsed arguments."""
+def make_app(args, replica_id: str | None = None):
+    """The app `vpt-fast serve` runs, from its parsed arguments (device resolved, dtype set);
+    replica_id: the name of a Ray Serve replica, sent in a response header."""
     from ..checkpoint import load_vpt_checkpoint
 
     if args.model is None:
@@ -30,7 +31,7 @@ def make_app(args):
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                         allowed_local_media_path=args.allowed_local_media_path)
     config = ServeConfig(model_name=args.served_model_name or model_path.name, api_key=args.api_key, media=media,
-                         default_max_tokens=args.default_max_tokens)
+                         default_max_tokens=args.default_max_tokens, replica_id=replica_id)
     return build_app(AsyncEngine(engine, max_queue=args.max_queue), config)
 
 

@@ -1,7 +1,7 @@
-"""Images of chat requests: `data:` URLs (base64 PNG, JPEG, WebP or GIF) and, where the
-server allows a local folder, `file://` URLs inside it. No other scheme: the server reaches
-no network. Limits on bytes and pixels refuse large images (decompression bombs included)
-before their pixels are decoded."""
+"""Images named by URL: `data:` URLs (base64 PNG, JPEG, WebP or GIF) and, where a local folder
+is allowed, `file://` URLs inside it. No other scheme: vpt_fast reaches no network. Limits on
+bytes and pixels refuse large images (decompression bombs included) before their pixels are
+decoded. Used by the server (chat requests) and by dataset evaluation (data: URLs in JSONL)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from ..preprocess import load_image
+from .preprocess import load_image
 
 DATA_URL = re.compile(r"data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.+-]+)*?);base64,(?P<data>.*)", re.S)
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
