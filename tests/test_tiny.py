@@ -175,3 +175,26 @@ def test_unknown_variant(tmp_path):
     with pytest.raises(ValueError, match=r"variant must be one of .*got 'owl'"):
         make_tiny_checkpoint(tmp_path / "x", "owl")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_plain_checkpoint_is_stock_qwen2_vl(tiny_ckpt):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vpt_fast.checkpoint import load_vpt_checkpoint
+
+    folder = tiny_ckpt("plain")
+    cfg = read_config(folder)
+    assert cfg["model_type"] == "qwen2_vl" and cfg["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    assert not [k for k in VPT_FIELDS if k in cfg]
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert model.generation_config.eos_token_id == [tok.convert_tokens_to_ids(spec.IM_END),
+                                                    tok.convert_tokens_to_ids("<|endoftext|>")]
+    bundle = load_vpt_checkpoint(folder)
+    assert bundle.vpt_config.is_vpt is False
+    ours = bundle.model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in model.state_dict().items())
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == (f"{spec.IM_START}system\n{spec.SYSTEM_PROMPT}{spec.IM_END}\n{spec.IM_START}user\n"
+                    f"{spec.VISION_START}{spec.IMAGE_PAD}{spec.VISION_END}Hi{spec.IM_END}\n{spec.IM_START}assistant\n")

@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve, parser=serve)
     tiny = sub.add_parser("make-tiny", help="write a tiny random VPT checkpoint in the released format")
     tiny.add_argument("out")
-    tiny.add_argument("--variant", choices=["region", "clip", "dino", "sam"], default="region")
+    tiny.add_argument("--variant", choices=["region", "clip", "dino", "sam", "plain"], default="region",
+                      help="a VPT checkpoint with that perception, or plain: a stock Qwen2-VL one")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny, parser=tiny)
     for p in (run, ev, serve, tiny):

@@ -385,6 +385,47 @@ def sam_pixels(
     return pixel_values, torch.tensor(original), torch.tensor(reshaped)
 
 
+@dataclass(frozen=True)
+class PixelImage:
+    """An image already made into Qwen2-VL patch rows, as a transformers processor returns
+    them: `rows` is its part of `pixel_values` (t*h*w, C*T*p*p), `grid` its row of
+    `image_grid_thw`. The engine feeds the rows to the vision tower as they are; `picture`
+    (RGB) is what a perception crops or re-encodes."""
+
+    rows: torch.Tensor
+    grid: tuple[int, int, int]
+    picture: Image.Image
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, grid: Sequence[int], cfg: QwenImageConfig,
+                  picture: Image.Image | None = None) -> "PixelImage":
+        """Check rows against grid and cfg; without `picture`, the image the rows were made
+        from is recovered from them (its first temporal frame, de-normalized to 8 bits)."""
+        t, h, w = (int(v) for v in grid)
+        p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+        if t != 1 or h % m or w % m or h < 1 or w < 1:
+            raise ValueError(f"image_grid_thw {[t, h, w]} is not a still image's grid (t = 1, h and w multiples of {m})")
+        if rows.ndim != 2 or rows.shape != (h * w, 3 * tp * p * p):
+            raise ValueError(f"pixel_values rows of shape {tuple(rows.shape)} for grid {[t, h, w]}: expected "
+                             f"{(h * w, 3 * tp * p * p)} (patch size {p}, temporal patch size {tp})")
+        if picture is None:
+            picture = rows_to_picture(rows, (h, w), cfg)
+        return cls(rows, (t, h, w), to_rgb(picture))
+
+
+def rows_to_picture(rows: torch.Tensor, grid_hw: tuple[int, int], cfg: QwenImageConfig) -> Image.Image:
+    """The RGB image behind Qwen2-VL patch rows (the inverse of `qwen_patchify` and the
+    normalization, rounded to 8 bits)."""
+    h, w = grid_hw
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    x = rows.detach().to("cpu", torch.float64).reshape(h // m, w // m, m, m, 3, tp, p, p)[:, :, :, :, :, 0]
+    x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)  # (C, h/m, m, p, w/m, m, p) -> (C, H, W)
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(cfg.image_std, dtype=torch.float64)[:, None, None]
+    values = ((x * std + mean) / cfg.rescale_factor).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(values.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
 def _as_list(images: Any) -> list:
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
@@ -404,8 +445,21 @@ class VPTImageProcessor:
         return cap_image(load_image(image), self.max_side)
 
     def qwen_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen2-VL ``pixel_values`` and ``image_grid_thw`` for one image or a list."""
-        return qwen_image_inputs([self.prepare(im) for im in _as_list(images)], self.qwen)
+        """Qwen2-VL ``pixel_values`` and ``image_grid_thw`` for one image or a list (a
+        `PixelImage` gives its own rows)."""
+        images = _as_list(images)
+        if not any(isinstance(im, PixelImage) for im in images):
+            return qwen_image_inputs([self.prepare(im) for im in images], self.qwen)
+        rows, grids = [], []
+        for im in images:
+            if isinstance(im, PixelImage):
+                rows.append(im.rows.to("cpu", torch.float32))
+                grids.append(torch.tensor([im.grid], dtype=torch.long))
+            else:
+                r, g = qwen_image_inputs([self.prepare(im)], self.qwen)
+                rows.append(r)
+                grids.append(g)
+        return torch.cat(rows), torch.cat(grids)
 
     def crop_inputs(
         self, image: Any, boxes: Iterable[Sequence[int]]
@@ -418,14 +472,16 @@ class VPTImageProcessor:
         """One box cropped from the original (uncapped) image, then capped like any image."""
         return cap_image(crop_image(load_image(image), box), self.max_side)
 
-    def grid_thw(self, capped: Image.Image) -> tuple[int, int, int]:
+    def grid_thw(self, capped: Image.Image | PixelImage) -> tuple[int, int, int]:
         """(t, h, w) patch grid the Qwen2-VL pipeline gives a capped image."""
+        if isinstance(capped, PixelImage):
+            return capped.grid
         height, width = smart_resize(
             capped.height, capped.width, self.qwen.factor, self.qwen.min_pixels, self.qwen.max_pixels
         )
         return 1, height // self.qwen.patch_size, width // self.qwen.patch_size
 
-    def token_count(self, capped: Image.Image) -> int:
+    def token_count(self, capped: Image.Image | PixelImage) -> int:
         """Number of `<|image_pad|>` tokens (merged visual tokens) of a capped image."""
         t, h, w = self.grid_thw(capped)
         return t * h * w // self.qwen.merge_size**2

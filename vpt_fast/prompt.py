@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import _hf_compat, spec
-from .preprocess import load_image
+from .preprocess import PixelImage, load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -147,12 +147,56 @@ def as_conversation(prompt) -> Conversation:
 
 
 @dataclass(frozen=True)
+class TokenPrompt:
+    """A round-1 prompt given as token ids, as a transformers processor makes them (padding
+    removed): the image's `<|image_pad|>` run already expanded to its token count. When the
+    ids are a chat conversation in Qwen2-VL's template (system turn, user and assistant
+    turns, the assistant header last), a perception continues it as the two-round flow
+    would; other ids (a raw prompt) are run as they are, and a request for a perception then
+    finishes with reason "error", as there is no conversation to write the next turn in."""
+
+    ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ids, (str, bytes)) or not isinstance(self.ids, Sequence) or not self.ids:
+            raise TypeError(f"a token prompt needs a non-empty sequence of token ids, got {self.ids!r}")
+        object.__setattr__(self, "ids", tuple(int(t) for t in self.ids))
+
+
+_TURN = re.compile(re.escape(spec.IM_START) + r"(system|user|assistant)\n(.*?)" + re.escape(spec.IM_END) + r"\n", re.S)
+
+
+def parse_conversation(tokenizer, ids: Sequence[int]) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """(system prompt, turns) of ids in the template `conversation` writes (turn contents
+    keep their image spans), or None when the ids are not exactly such a conversation."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    header = spec.IM_START + "assistant\n"
+    if not text.endswith(header):
+        return None
+    body, at, turns = text[: -len(header)], 0, []
+    for m in _TURN.finditer(body):
+        if m.start() != at:
+            return None
+        turns.append((m.group(1), m.group(2)))
+        at = m.end()
+    if at != len(body) or not turns or turns[0][0] != "system" or len(turns) < 2:
+        return None
+    system, rest = turns[0][1], tuple(turns[1:])
+    if any(role == "system" for role, _ in rest) or rest[-1][0] != "user":
+        return None
+    if encode(tokenizer, conversation(rest, system)) != list(ids):
+        return None
+    return system, rest
+
+
+@dataclass(frozen=True)
 class FirstTurn:
     """A request's image and conversation, made ready for round 1."""
 
     original: Any  # the image as loaded (PIL), for crops and re-encoding; None without an image
-    first: Any  # it capped: the conversation's first image (None without an image)
-    turns: tuple[tuple[str, str], ...]  # the conversation's turns, the image span in place of `<image>`
+    first: Any  # it capped (or a PixelImage): the conversation's first image (None without an image)
+    turns: tuple[tuple[str, str], ...] | None  # the conversation's turns, the image span in place of
+    # `<image>`; None for a TokenPrompt that is not a chat conversation
     system: str
     ids: list[int]  # the round-1 prompt: system turn, the turns, assistant header
 
@@ -168,6 +212,10 @@ def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
 
     Raises TypeError / ValueError / OSError with a message naming what is wrong; the
     image-pad count of the result is always the image's own token count."""
+    if isinstance(prompt, TokenPrompt):
+        return _token_turn(bundle, image, prompt)
+    if isinstance(image, PixelImage):
+        raise TypeError("a PixelImage (patch rows) goes with a TokenPrompt, whose ids hold its image pads")
     chat = as_conversation(prompt)
     single = isinstance(prompt, str)
     for i, (_, text) in enumerate(chat.turns):
@@ -202,3 +250,30 @@ def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
     if got != n:
         raise ValueError(f"the prompt encodes to {got} image pad tokens where the image has {n}")
     return FirstTurn(original, first, turns, chat.system, ids)
+
+
+def _token_turn(bundle, image, prompt: TokenPrompt) -> FirstTurn:
+    ids = list(prompt.ids)
+    vocab_size = bundle.model.config.text_config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"the prompt holds token ids {bad[:5]} outside [0, {vocab_size})")
+    pads = [i for i, t in enumerate(ids) if t == bundle.vocab.image_pad]
+    if image is None:
+        original = first = None
+        if pads:
+            raise ValueError(f"the prompt holds {len(pads)} image pad tokens but no image was given")
+    else:
+        if isinstance(image, PixelImage):
+            original, first = image.picture, image
+        else:
+            original = load_image(image)
+            first = bundle.processor.prepare(original)
+        n = bundle.processor.token_count(first)
+        if len(pads) != n:
+            raise ValueError(f"the prompt holds {len(pads)} image pad tokens where the image has {n}")
+        if pads[-1] - pads[0] + 1 != n:
+            raise ValueError("the prompt's image pad tokens are not one run: one image per request")
+    parsed = parse_conversation(bundle.tokenizer, ids)
+    system, turns = parsed if parsed is not None else (spec.SYSTEM_PROMPT, None)
+    return FirstTurn(original, first, turns, system, ids)

@@ -26,7 +26,11 @@ class SamplingParams:
     distribution (in that order, as transformers applies them) and `seed` seeds the request's
     own generator, so its tokens do not depend on what else is batched (None: a fresh seed).
     max_perception_rounds: how many perceptions the request may make (1, as the published
-    flow). return_logits keeps the logits behind every generated token.
+    flow). return_logits keeps the logits behind every generated token (before any penalty).
+    repetition_penalty: transformers' rule, before the rest: the logit of every token already
+    in the sequence (prompt included) is divided by it when positive, multiplied when not.
+    stop_token_ids: tokens that end a round as `<|im_end|>` does (e.g. a checkpoint's other
+    end-of-sequence ids); a round always ends at `<|im_end|>`.
     """
 
     max_new_tokens: int = 64
@@ -38,6 +42,8 @@ class SamplingParams:
     seed: int | None = None
     max_perception_rounds: int = 1
     return_logits: bool = False
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "answer_max_new_tokens"):
@@ -59,10 +65,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a positive number, got {r!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not isinstance(stops, Sequence) or not all(_is_int(t) and t >= 0 for t in stops):
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))
 
     @property
     def answer_limit(self) -> int:
         return self.max_new_tokens if self.answer_max_new_tokens is None else self.answer_max_new_tokens
+
+
+def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """scores (vocab,) with transformers' repetition penalty on the token ids `seen` (1-D)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return scores
+    picked = scores.gather(0, seen)
+    return scores.scatter(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 def sample(scores: torch.Tensor, do_sample: bool, top_k, top_p, generator, temperature: float = 1.0) -> torch.Tensor:

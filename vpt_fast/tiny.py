@@ -24,7 +24,22 @@ from torch import nn
 from . import spec
 from .preprocess import QwenImageConfig
 
-VARIANTS = ("region", "clip", "dino", "sam")
+VARIANTS = ("region", "clip", "dino", "sam")  # the VPT checkpoints; "plain" is a stock Qwen2-VL one
+
+# Qwen2-VL's chat template (ChatML with the default system prompt; an image part is one
+# `<|image_pad|>` inside its vision span, which the processor expands to the image's tokens)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + spec.SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -76,6 +91,7 @@ def build_tokenizer():
         additional_special_tokens=list(spec.QWEN_SPECIAL_TOKENS) + list(spec.VPT_TOKENS),
         clean_up_tokenization_spaces=False, model_max_length=32768,
     )
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -104,7 +120,10 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
     """Write a small random VPT checkpoint in the released format; returns the folder.
 
     variant: "region" (VPT tokens, no re-encoding branch, one inner pass), "clip",
-    "dino" or "sam" (that branch plus region tokens, two inner passes).
+    "dino" or "sam" (that branch plus region tokens, two inner passes), or "plain": a stock
+    Qwen2-VL checkpoint (no VPT fields, `model_type: "qwen2_vl"`, both end-of-sequence ids in
+    generation_config.json, as the released Qwen2-VL-Instruct has) that transformers loads
+    with `Qwen2VLForConditionalGeneration.from_pretrained`.
     """
     from transformers import Dinov2Config, Qwen2VLForConditionalGeneration, SamVisionConfig
 
@@ -113,8 +132,8 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
     from .checkpoint import _qwen2vl_config
     from .projectors import ClipProjector, DetectionProjector, SegProjector
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in VARIANTS + ("plain",):
+        raise ValueError(f"variant must be one of {VARIANTS + ('plain',)}, got {variant!r}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -139,6 +158,14 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
         config[f"{prefix}_image_token_id"] = ids(pad) if on else None
         config[f"{prefix}_action_id"] = ids(action) if on else None
         config[f"{prefix}_action_start_id"] = ids(start) if on else None
+    eos = config["eos_token_id"]
+    if variant == "plain":
+        vpt_fields = ("para_start_id", "para_end_id", "num_inner_forward_run", "projector_scale", "para_mask_id",
+                      "para_mask_ratio", "alignment", "vision_encoder_ls")
+        branch_ids = ("_image_token_id", "_action_id", "_action_start_id")  # detection_image_token_id, ...
+        config = {k: v for k, v in config.items() if k not in vpt_fields and not k.endswith(branch_ids)}
+        config.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl")
+        eos = [config["eos_token_id"], config["pad_token_id"]]
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -170,7 +197,7 @@ def make_tiny_checkpoint(path: str | Path, variant: str = "region", seed: int = 
     torch.save({k: v.contiguous() for k, v in state.items()}, folder / "pytorch_model.bin")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps(dict(
-        bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"], pad_token_id=config["pad_token_id"],
+        bos_token_id=config["bos_token_id"], eos_token_id=eos, pad_token_id=config["pad_token_id"],
         transformers_version="4.45.2")))
     (folder / "preprocessor_config.json").write_text(json.dumps(QwenImageConfig(max_pixels=MAX_PIXELS).to_dict(), indent=2))
     tokenizer.save_pretrained(str(folder))
@@ -185,8 +212,8 @@ def demo_checkpoint(variant: str = "region") -> Path:
 
     from ._cache import build_once, cache_dir
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in VARIANTS + ("plain",):
+        raise ValueError(f"variant must be one of {VARIANTS + ('plain',)}, got {variant!r}")
     digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     folder = cache_dir() / "demo" / f"tiny-{variant}-{digest}"
     build_once(folder, lambda private: make_tiny_checkpoint(private, variant))

@@ -32,6 +32,7 @@ import secrets
 import threading
 import time
 from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Iterator
 
 import torch
@@ -39,7 +40,7 @@ import torch
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import mrope_positions, set_backend
 from ..prompt import body_of, first_turn, special_token_pattern
-from ..sampling import SamplingParams, check_batch, check_forced, sample
+from ..sampling import SamplingParams, check_batch, check_forced, penalize_repetition, sample
 from .cache import PagedKVCache
 from .decode import BUCKETS, DecodeStep
 from .runner import Runner
@@ -198,11 +199,56 @@ class Engine:
                                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 max_perception_rounds=max_perception_rounds, return_logits=return_logits)
         forced = check_batch(images, prompts, forced_tokens)
+        yield from self._batch([(images[i], prompts[i], params, forced[i]) for i in range(len(prompts))])
+
+    def chat(self, messages, params: SamplingParams | None = None, forced_tokens=None):
+        """Answer a conversation given as chat messages, or a batch of them.
+
+        messages: a list of {"role", "content"} dicts (OpenAI's or Hugging Face's shapes, see
+        `vpt_fast.chat.from_messages`: system, user and assistant turns; text parts and at
+        most one image part, {"type": "image", "image": PIL image | path} or {"type":
+        "image_url", "image_url": {"url": "data:..."}}), answered as a GenerationResult; or a
+        list of such lists, answered as a list in order. params: a SamplingParams for every
+        conversation (default: greedy, 64 tokens a round); forced_tokens: round-1 tokens to
+        script (one list for a single conversation, one entry per conversation for a batch).
+        A conversation whose messages or image are unusable finishes with reason "error" and
+        its message; the others go on."""
+        from ..chat import from_messages
+        from ..media import MediaError, MediaPolicy
+
+        single = not (isinstance(messages, Sequence) and messages and all(
+            isinstance(m, Sequence) and not isinstance(m, (str, bytes, Mapping)) for m in messages))
+        batch = [messages] if single else list(messages)
+        forced = check_batch([None] * len(batch), [""] * len(batch), [forced_tokens] if single and forced_tokens is not
+                             None else forced_tokens)
+        media, jobs, failed = MediaPolicy(), [], {}
+        for i, conv in enumerate(batch):
+            try:
+                image, conversation = from_messages(conv)
+                if isinstance(image, str) and image.startswith("data:"):
+                    image = media.load(image)
+            except (ValueError, TypeError, MediaError) as e:
+                failed[i] = f"conversation {i}: {e}" if not single else str(e)
+                image, conversation = None, None
+            jobs.append((image, conversation, params, forced[i]))
+        results = [None] * len(batch)
+        todo = [i for i in range(len(batch)) if i not in failed]
+        for event in self._batch([jobs[i] for i in todo]):
+            if isinstance(event, FinishEvent):
+                results[todo[event.request]] = event.result
+        for i, message in failed.items():
+            results[i] = GenerationResult([], [], [], "", "error", error=message)
+        return results[0] if single else results
+
+    def _batch(self, jobs, label: str = "request") -> Iterator[Event]:
+        """Run (image, prompt, params, forced tokens) requests as one call's batch; events name
+        requests by their index in `jobs`, messages by `label` and that index."""
         with self._one_call():
             if self._requests:
                 raise RuntimeError(f"{len(self._requests)} request(s) added with add_request are in flight: drive them "
                                    f"with step() first (generate and stream run a batch of their own)")
-            ids = [self._add(images[i], prompts[i], params, forced[i], name=f"request {i}") for i in range(len(prompts))]
+            ids = [self._add(image, prompt, params, forced, name=f"{label} {i}")
+                   for i, (image, prompt, params, forced) in enumerate(jobs)]
             index = {rid: i for i, rid in enumerate(ids)}
             try:
                 while self._requests:
@@ -358,9 +404,12 @@ class Engine:
     def _choose(self, ready: list[Request]) -> list[int]:
         """The next token of each request: forced, sampled with its own generator, or greedy."""
         scores = torch.stack([r.logits for r in ready])
-        for r, row in zip(ready, scores):
+        for i, r in enumerate(ready):
             if r.logits_log is not None:
-                r.logits_log.append(row.detach().to("cpu", copy=True))
+                r.logits_log.append(scores[i].detach().to("cpu", copy=True))
+            if r.params.repetition_penalty != 1.0:
+                seen = torch.tensor(r.ids, dtype=torch.long, device=scores.device)
+                scores[i] = penalize_repetition(scores[i], seen, r.params.repetition_penalty)
         chosen = scores.argmax(-1).tolist()
         for i, r in enumerate(ready):
             step = len(r.round_ids)
@@ -378,7 +427,8 @@ class Engine:
         feed = []
         for r, t in zip(ready, self._choose(ready)):
             r.logits = None
-            round_done = t == self.vocab.im_end or len(r.round_ids) + 1 >= r.round_limit
+            stop = t == self.vocab.im_end or t in r.params.stop_token_ids
+            round_done = stop or len(r.round_ids) + 1 >= r.round_limit
             if not round_done:
                 action = self.start_to_action.get(r.ids[-1])
                 if action is not None:
@@ -387,9 +437,11 @@ class Engine:
             r.generated.append(t)
             events.append(TokenEvent(r.id, t, r.round))
             if round_done:
-                self._splicer.close_round(r, "stop" if t == self.vocab.im_end else "length")
+                r.tail = [t]
+                self._splicer.close_round(r, "stop" if stop else "length")
                 continue
             if len(r.ids) >= self.limit:
+                r.tail = [t]
                 what = f"max_seq_len ({self.max_seq_len})" if self.limit == self.max_seq_len else \
                     f"what the KV cache holds ({self.cache.capacity} tokens)"
                 r.finish("length", f"{r.name}: the sequence reached {what}")
@@ -446,7 +498,8 @@ class Engine:
         text = tok.decode(body_of(shown, eos), skip_special_tokens=True)
         return GenerationResult(token_ids=list(r.generated), round1_ids=list(round1), answer_ids=list(answer), text=text,
                                 finish_reason=r.finish_reason or "length", trace=list(r.trace), perception=r.perception,
-                                error=r.error, logits=r.logits_log, prompt_tokens=len(r.turn.ids) if r.turn else 0)
+                                error=r.error, logits=r.logits_log, prompt_tokens=len(r.turn.ids) if r.turn else 0,
+                                sequence_ids=r.ids + r.tail if r.turn else [])
 
 
 def _cache_tokens(tokens: int | None, gib: float | None, max_seq_len: int, max_batch_size: int, per_token: int) -> int:

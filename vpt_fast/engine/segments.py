@@ -18,7 +18,7 @@ from .. import _hf_compat
 from ..checkpoint import VPTBundle
 from ..ops import crop_patch_embed
 from ..perception import branch_features, project_features
-from ..preprocess import smart_resize, to_rgb
+from ..preprocess import PixelImage, smart_resize, to_rgb
 from .cache import PagedKVCache
 from .runner import Runner
 from .state import Request, runs
@@ -52,7 +52,7 @@ class SegmentRunner:
         wanted = [(r, start, k) for r in requests for start, k in self._pending_images(r)]
         if not wanted:
             return
-        if self.image_pipeline == "device":
+        if self.image_pipeline == "device" or any(isinstance(r.images[k], PixelImage) for r, _, k in wanted):
             pixels, grid = self._device_pixels([(r, k) for r, _, k in wanted])
         else:
             pixels, grid = self.bundle.processor.qwen_inputs([r.images[k] for r, _, k in wanted])
@@ -62,10 +62,21 @@ class SegmentRunner:
             r.spans[start] = f.to(self.runner.dtype)
 
     def _device_pixels(self, wanted: list[tuple[Request, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch rows of images (request, image index) made on the device from each original image."""
+        """Patch rows of images (request, image index) on the device: a `PixelImage`'s own rows;
+        otherwise made there from each original image (image_pipeline "device") or on the
+        host by the processor ("pil")."""
         q = self.bundle.processor.qwen
         rows, grids = [], []
         for r, k in wanted:
+            if isinstance(r.images[k], PixelImage):
+                rows.append(r.images[k].rows.to(self.device, torch.float32))
+                grids.append(list(r.images[k].grid))
+                continue
+            if self.image_pipeline != "device":
+                pixels, grid = self.bundle.processor.qwen_inputs([r.images[k]])
+                rows.append(pixels.to(self.device))
+                grids.append(grid[0].tolist())
+                continue
             if r.device_image is None:
                 r.device_image = torch.from_numpy(np.array(to_rgb(r.turn.original))).to(self.device).contiguous()
             capped = r.images[k]

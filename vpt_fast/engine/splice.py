@@ -42,7 +42,7 @@ class Splicer:
         if r.round >= r.params.max_perception_rounds:
             r.finish(reason)
             return
-        body = body_of(ids, self.vocab.im_end)
+        body = ids[:-1] if ids and ids[-1] in r.params.stop_token_ids else body_of(ids, self.vocab.im_end)
         perception = spec.parse_perception(body, self.vocab)
         if r.round == 0:
             r.perception = perception
@@ -56,6 +56,10 @@ class Splicer:
             return
         if isinstance(plan, str):
             r.finish(plan, unsupported_message(perception.kind, self.bundle.vpt_config) if plan.startswith("unsupported:") else None)
+            return
+        if r.turns is None:
+            r.finish("error", f"request {r.id}: the model asked for a {perception.kind} perception, but its prompt "
+                              f"came as token ids that are not a chat conversation, so there is no turn to continue")
             return
 
         new_ids = encode(self.bundle.tokenizer, conversation(r.turns + plan.turns, r.turn.system))

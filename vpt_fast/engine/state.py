@@ -49,6 +49,10 @@ class GenerationResult:
     error: str | None = None
     logits: list[torch.Tensor] | None = None  # with return_logits: (vocab,) logits behind each of token_ids
     prompt_tokens: int = 0  # tokens of the round-1 prompt
+    # the whole conversation as it ends: the round-1 prompt, and after a perception the
+    # conversation the two-round flow's round 2 reads, then the answer (its first
+    # prompt_tokens ids are the round-1 prompt)
+    sequence_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -153,13 +157,15 @@ class Request:
         self.generator: torch.Generator | None = None  # made on the model's device at admission when sampling
         # the conversation
         self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
-        self.turns: list[tuple[str, str]] = list(turn.turns) if turn is not None else []
+        # the conversation's turns; None when the prompt came as token ids that are not one
+        self.turns: list[tuple[str, str]] | None = list(turn.turns) if turn is not None and turn.turns is not None else None
         has_image = turn is not None and turn.first is not None
         self.images: list[Any] = [turn.first] if has_image else []  # every image of the conversation, in order
         self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *turn.original.size)] if has_image else []
         self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
         # the sequence and the cache
         self.ids: list[int] = []
+        self.tail: list[int] = []  # the token that ended the sequence's last round, never fed
         self.positions = Positions()
         self.spans: dict[int, torch.Tensor] = {}  # start index -> (n, H) input embeddings not the tokens' own
         self.num_cached = 0
@@ -191,6 +197,7 @@ class Request:
         if positions is None:
             start = self.positions.next
             positions = torch.arange(start, start + len(ids)).expand(3, -1)
+        self.tail = []
         self.ids.extend(ids)
         self.positions.extend(positions)
 
@@ -198,6 +205,7 @@ class Request:
         """Add one generated token, with its input embedding when it is not the token's own."""
         if embedding is not None:
             self.spans[len(self.ids)] = embedding[None]
+        self.tail = []
         self.ids.append(token)
         self.positions.append_text()
 
