@@ -9,10 +9,14 @@ path (exactly the reference's pixels) and with images made on the device
 (`image_pipeline="device"`). Decode ms/token is compared with the bandwidth floor
 (language-model weight bytes / measured copy bandwidth, bytes read and written, as the
 copy counts them), and the splice (round end -> segment in the cache) with its parts
-(vision tower on the crop + prefill of a segment of the same length).
+(vision tower on the crop + prefill of a segment of the same length). `--hf-generate`
+times transformers' own `model.generate` against the same model's `generate` patched by
+`vpt_fast.accelerate` (plain Qwen2-VL, B=1 and B=8, 64 new tokens) and says whether the
+tokens are the same.
 
     python benchmarks/e2e.py --shape 2b                       # GPU, bf16
     python benchmarks/e2e.py --shape 7b --decode-only         # decode against the floor only
+    python benchmarks/e2e.py --shape 2b --hf-generate         # transformers' generate vs the patched one
     python benchmarks/e2e.py --shape tiny --device cpu --quick
 """
 
@@ -263,6 +267,68 @@ def plot(rows, decode_rows, path: Path, card_name: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+HF_NEW_TOKENS = 64
+
+
+def hf_inputs(bundle, batch: int, device) -> dict:
+    """What a Qwen2-VL processor returns for `batch` chat prompts with one 640x480 image each."""
+    from vpt_fast.prompt import conversation, encode, vision_span
+
+    images = [image(100 + i) for i in range(batch)]
+    pixels, grid = bundle.processor.qwen_inputs(images)
+    merge = bundle.model.config.vision_config.spatial_merge_size ** 2
+    rows = []
+    for i in range(batch):
+        span = vision_span(spec.IMAGE_PAD, int(grid[i].prod()) // merge)
+        rows.append(encode(bundle.tokenizer, conversation([("user", span + "Describe this picture in detail.")])))
+    ids = torch.tensor(rows, device=device)  # same-size images: equal lengths, no padding
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(device),
+                image_grid_thw=grid.to(device), mm_token_type_ids=(ids == bundle.vocab.image_pad).long())
+
+
+def hf_generate_rows(shape: str, dtype, device, reps: int, batches=(1, 8)) -> list[dict]:
+    """transformers' generate against the same model's generate patched by vpt_fast.accelerate,
+    on a plain Qwen2-VL (no VPT): greedy, HF_NEW_TOKENS new tokens, in the same run."""
+    import vpt_fast
+    from transformers import Qwen2VLForConditionalGeneration
+
+    bundle = build_bundle(shape, "clip", dtype, device)
+    model, tok = bundle.model, bundle.tokenizer
+    model.generation_config.eos_token_id = bundle.vocab.im_end
+    model.generation_config.pad_token_id = tok.pad_token_id
+    rows = []
+    for batch in batches:
+        x = hf_inputs(bundle, batch, device)
+        options = dict(max_new_tokens=HF_NEW_TOKENS, do_sample=False)
+
+        def stock():
+            with torch.no_grad():
+                return Qwen2VLForConditionalGeneration.generate(model, **x, **options)
+
+        out = {}
+        hf_times = timed(lambda: out.__setitem__("hf", stock()), device, reps, warmup=1)
+        vpt_fast.accelerate(model, tok, max_seq_len=2048, max_batch_size=max(8, batch))
+        try:
+            ours = timed(lambda: out.__setitem__("vpt_fast", model.generate(**x, **options)), device, reps, warmup=1)
+        finally:
+            vpt_fast.restore(model)
+        new = out["vpt_fast"].shape[1] - x["input_ids"].shape[1]
+        hf_p50, our_p50 = statistics.median(hf_times), statistics.median(ours)
+        rows.append(dict(shape=shape, batch=batch, prompt_tokens=x["input_ids"].shape[1], new_tokens=new,
+                         hf_p50_s=hf_p50, patched_p50_s=our_p50, speedup=hf_p50 / our_p50,
+                         hf_tok_per_s=batch * new / hf_p50, patched_tok_per_s=batch * new / our_p50,
+                         same_tokens=bool(torch.equal(out["hf"], out["vpt_fast"]))))
+        print(f"  {shape} B={batch}: transformers generate {hf_p50:.3f}s, patched {our_p50:.3f}s, x{hf_p50 / our_p50:.1f}")
+    del bundle, model
+    return rows
+
+
+HF_COLUMNS = [("shape", "shape"), ("batch", "B"), ("prompt_tokens", "prompt"), ("new_tokens", "new tokens"),
+              ("hf_p50_s", "transformers generate p50 s"), ("patched_p50_s", "patched generate p50 s"),
+              ("speedup", "speed-up"), ("hf_tok_per_s", "transformers tok/s"), ("patched_tok_per_s", "patched tok/s"),
+              ("same_tokens", "same tokens")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=None)
@@ -271,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, 2B only on a GPU")
     ap.add_argument("--decode-only", action="store_true", help="only decode ms/token against the bandwidth floor")
+    ap.add_argument("--hf-generate", action="store_true",
+                    help="only transformers' generate vs the same model's patched generate (plain Qwen2-VL, B=1 and 8)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shapes = args.shape or (["2b"] if args.quick else ["2b", "7b"]) if device.type == "cuda" else (args.shape or ["tiny"])
@@ -281,6 +349,15 @@ def main(argv=None) -> int:
     print(f"{env['card']}: copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written)")
 
     rows, decode_rows = [], []
+    if args.hf_generate:
+        for shape in shapes:
+            rows += hf_generate_rows(shape, dtype, device, reps)
+        md = (f"### transformers' generate vs vpt_fast.accelerate's patched generate (plain Qwen2-VL, greedy, "
+              f"{HF_NEW_TOKENS} new tokens, same run)\n\n" + table(rows, HF_COLUMNS))
+        js, mdp = write_results("e2e_hf_generate", env, rows, md)
+        print(md)
+        print(f"wrote {js}, {mdp}")
+        return 0
     if args.decode_only:
         for shape in shapes:
             bundle = build_bundle(shape, "clip", dtype, device)

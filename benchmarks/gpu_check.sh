@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network; torch, triton, transformers already installed): build the
-# extension, run the GPU tests, run the quick kernel, end-to-end and serving benchmarks.
+# extension, run the GPU tests, run the quick kernel, end-to-end (with transformers' generate
+# against the patched one) and serving benchmarks.
 # Everything lands under $OUT (default benchmarks/results/gpu_check): one log and the
 # benchmark tables/plots. Each step has its own time limit; a failing step does not stop
 # the others, and the exit status says whether all passed. Under 8 minutes on an H200.
@@ -32,6 +33,7 @@ step pytest_gpu 130 python3 -m pytest -m gpu -q -p no:cacheprovider tests
 step kernels 60 python3 benchmarks/kernels.py --quick
 step e2e 200 python3 benchmarks/e2e.py --quick
 step e2e_7b_decode 90 python3 benchmarks/e2e.py --shape 7b --decode-only
+step e2e_hf_generate 120 python3 benchmarks/e2e.py --shape 2b --hf-generate --reps 2
 step serving 150 python3 benchmarks/serving.py --quick
 echo "gpu_check: $([ $failed -eq 0 ] && echo all steps passed || echo some steps FAILED)" | tee -a "$LOG"
 exit $failed

@@ -135,14 +135,14 @@ def test_a_failing_perception_ends_alone(tiny_bundle, good):
 def test_a_missing_branch_is_said(tiny_bundle):
     b = tiny_bundle("clip")
     with pytest.warns(UserWarning, match=r"names the clip branch .* but clip_projector= was not given"):
-        engine = vpt_fast.accelerate(b.model, b.tokenizer, vpt_config=b.vpt_config)
+        engine = vpt_fast.accelerate(b.model, b.tokenizer, patch=False, vpt_config=b.vpt_config)
     forced = toks(b.tokenizer, "<|clip_action_start|><|clip_action|><|clip_action_end|><|im_end|>")
     (r,) = engine.generate([rand_image(56, 56)], ["Q"], 6, [forced])
     assert r.finish_reason == "unsupported:clip"
     assert "built without its modules (give clip_projector= to vpt_fast.accelerate)" in r.error
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        vpt_fast.accelerate(b.model, b.tokenizer, clip_projector=b.clip_projector, vpt_config=b.vpt_config)
+        vpt_fast.accelerate(b.model, b.tokenizer, patch=False, clip_projector=b.clip_projector, vpt_config=b.vpt_config)
 
 
 # ----------------------------------------------------------------------------- concurrency

@@ -250,7 +250,8 @@ def test_second_perception_equals_a_fresh_prefill(tiny_bundle):
 
 def test_accelerate_a_loaded_model(tiny_bundle):
     b = tiny_bundle("clip")
-    engine = vpt_fast.accelerate(b.model, b.tokenizer, clip_projector=b.clip_projector, vpt_config=b.vpt_config.to_dict())
+    engine = vpt_fast.accelerate(b.model, b.tokenizer, patch=False, clip_projector=b.clip_projector,
+                                vpt_config=b.vpt_config.to_dict())
     image = rand_image(84, 84, 2)
     forced = [toks(b.tokenizer, action("clip"))]
     (mine,) = engine.generate([image], ["What?"], 6, forced)

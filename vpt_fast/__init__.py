@@ -17,7 +17,8 @@ from .engine import AsyncEngine, Engine, GenerationResult
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["AsyncEngine", "Engine", "GenerationResult", "SamplingParams", "accelerate", "from_pretrained", "ops"]
+__all__ = ["AsyncEngine", "Engine", "GenerationResult", "SamplingParams", "accelerate", "from_pretrained", "last_results",
+           "ops", "restore"]
 
 
 def from_pretrained(path_or_model, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
@@ -34,19 +35,28 @@ def from_pretrained(path_or_model, dtype: torch.dtype | str = torch.float32, dev
         from .checkpoint import load_vpt_checkpoint
 
         return Engine(load_vpt_checkpoint(path_or_model, dtype=dtype, device=device), **options)
-    return accelerate(path_or_model, **options)
+    return accelerate(path_or_model, patch=False, **options)
 
 
-def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None, detection_projector=None,
-               seg_model=None, seg_projector=None, vpt_config=None, **options) -> Engine:
-    """An Engine over a loaded transformers `Qwen2VLForConditionalGeneration`.
+def accelerate(hf_model, processor, *, patch: bool = True, strict: bool = False, clip_projector=None,
+               detection_model=None, detection_projector=None, seg_model=None, seg_projector=None, vpt_config=None,
+               **options) -> Engine:
+    """Run a loaded transformers `Qwen2VLForConditionalGeneration` (a plain Qwen2-VL or a VPT
+    checkpoint's model) on the engine; returns the Engine.
+
+    patch: replace `generate` on this model instance (never on its class) so that the usual
+    `model.generate(**processor(...), max_new_tokens=...)` runs on the engine and returns
+    what transformers returns (see `vpt_fast.dropin`); `vpt_fast.restore(model)` undoes it.
+    Calls the engine cannot honour (beam search, custom logits processors, ...) go to
+    transformers' generate with a one-time warning naming why; strict=True raises instead.
+    With patch=False the model is left as it is.
 
     processor: a transformers Qwen2-VL processor (its tokenizer and image processor are
     used) or a tokenizer alone (default image settings). VPT branches are passed as the
     modules the checkpoint would hold; vpt_config (a `VPTConfig` or the VPT fields of a
     checkpoint's config.json) says which token ids drive them, and defaults to the
-    fields found in `hf_model.config`. options go to `Engine`. The model is used as it
-    is: nothing in it is changed, so there is nothing to undo.
+    fields found in `hf_model.config`. options go to `Engine` (max_seq_len,
+    max_batch_size, kv_cache_gib, ...).
     """
     from . import spec
     from .checkpoint import VPTBundle, VPTConfig
@@ -85,4 +95,25 @@ def accelerate(hf_model, processor, *, clip_projector=None, detection_model=None
                        vpt_config=vcfg, vocab=spec.Vocab.from_tokenizer(tokenizer), clip_projector=clip_projector,
                        detection_model=detection_model, detection_projector=detection_projector, seg_model=seg_model,
                        seg_projector=seg_projector)
-    return Engine(bundle, **options)
+    engine = Engine(bundle, **options)
+    if patch:
+        from .dropin import patch as patch_generate
+
+        patch_generate(hf_model, engine, strict=strict)
+    return engine
+
+
+def restore(hf_model):
+    """Give a model patched by `accelerate` its own `generate` back (the very method it had);
+    a model that is not patched is left as it is. Returns the model."""
+    from .dropin import restore as restore_generate
+
+    return restore_generate(hf_model)
+
+
+def last_results(hf_model) -> list[GenerationResult]:
+    """The GenerationResults (perception traces, finish reasons, answer texts) of the last
+    `generate` call of a model patched by `accelerate`, one per sample."""
+    from .dropin import last_results as results
+
+    return results(hf_model)

@@ -145,3 +145,34 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def generation_config(model, config, kwargs: dict):
+    """(the GenerationConfig a `model.generate(generation_config=config, **kwargs)` call runs
+    with, the keyword arguments left for the model), merged as transformers' generate merges
+    them (the call's options over `model.generation_config` over the global defaults)."""
+    return model._prepare_generation_config(config, **kwargs)
+
+
+def changed_generation_options(config, allowed: set[str]) -> list[str]:
+    """The options of `config` outside `allowed` that differ from their defaults, as "name=value"."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    base = {**defaults.to_dict(), **defaults._get_default_generation_params()}
+    changed = []
+    for name, value in config.to_dict().items():
+        if name in allowed or value == base.get(name) or (not value and not base.get(name)):
+            continue  # honoured, or at its default (None, False and 0 all meaning off)
+        changed.append(f"{name}={value!r}")
+    return sorted(changed)
+
+
+def decoder_only_output(sequences: torch.Tensor):
+    """transformers' `GenerateDecoderOnlyOutput` holding only the sequences."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return GenerateDecoderOnlyOutput(sequences=sequences)

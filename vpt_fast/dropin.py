@@ -1,0 +1,329 @@
+"""`model.generate(**inputs)` through the engine: the drop-in for transformers users.
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path)   # or a VPT checkpoint's model
+    processor = AutoProcessor.from_pretrained(path)
+    vpt_fast.accelerate(model, processor)                          # patches this instance's generate
+    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=64)              # what transformers returns
+    vpt_fast.last_results(model)                                   # GenerationResults: traces, reasons
+    vpt_fast.restore(model)                                        # transformers' generate again
+
+The patched `generate` takes what a Qwen2-VL processor returns (`input_ids`, `attention_mask`
+with left or right padding, `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; a batch;
+at most one image per sample) and the generation options the engine honours: greedy or
+sampled decoding (`do_sample`, `temperature`, `top_k`, `top_p`), `repetition_penalty`,
+`max_new_tokens` / `max_length`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`,
+a `streamer` (batch of one), or a `GenerationConfig` holding them; the model's own
+`generation_config` fills the rest, as in transformers. It returns what transformers'
+generate returns: a LongTensor (batch, prompt length + new tokens), each row the prompt as
+given (padding included) then its new tokens padded with the pad id, or with
+`return_dict_in_generate=True` a `GenerateDecoderOnlyOutput` (sequences only).
+
+Greedy decoding gives transformers' tokens (it is tested token for token). Sampling draws
+from the same distribution with the engine's own generator per sample (seeded from torch's
+global generator, so `torch.manual_seed` makes a call repeatable), not transformers' draws.
+Each sample is run without its padding, so a right-padded batch gets the answer its prompt
+alone gets (transformers' generate expects left padding for that).
+
+With a VPT checkpoint the new tokens are the whole conversation the two-round flow ends
+with: round 1, and after a perception the turns that show the crop or the re-encoding,
+then the answer. `max_new_tokens` bounds each round, as in the two-round flow. A region crop
+is taken from the image the processor made the pixels from (recovered from `pixel_values`);
+pass `vpt_images=[...]` (one PIL image or path per sample, None for a text-only one) to
+crop the originals, as the published flow does. `vpt_force=` scripts round-1 tokens (token
+ids or text, one for all samples or one per sample). Every call's `GenerationResult`s (the
+perception traces, finish reasons, answer texts) are kept: `vpt_fast.last_results(model)`,
+and `output.vpt_results` on a dict output.
+
+What the engine cannot honour goes to transformers' own generate with a warning, once per
+reason and model, that says why (or raises ValueError with strict=True): beam search,
+several sequences per prompt, logits processors or stopping criteria of one's own,
+assistant models, output scores / logits / attentions / hidden states, options such as
+`no_repeat_ngram_size` or `min_new_tokens`, video inputs, `inputs_embeds`, an attention mask
+with holes, more than one image in a sample, an end-of-sequence set without `<|im_end|>`,
+and a prompt that does not fit the engine's `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .preprocess import PixelImage
+from .prompt import TokenPrompt
+from .sampling import SamplingParams
+
+# GenerationConfig fields the engine honours, and fields with no effect on a single greedy or
+# sampled sequence (cache and compile settings, beam-only and assistant-only knobs).
+HONOURED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+            "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "return_dict_in_generate",
+            "use_cache"}
+NO_EFFECT = {"transformers_version", "_from_model_config", "cache_implementation", "cache_config", "compile_config",
+             "disable_compile", "max_cache_len", "prefill_chunk_size", "continuous_batching_config", "low_memory",
+             "early_stopping", "length_penalty", "remove_invalid_values", "is_assistant", "num_assistant_tokens",
+             "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+             "target_lookbehind", "assistant_early_exit", "assistant_ensemble_weight"}
+# keyword arguments of generate that are not generation options
+CALL_OPTIONS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+                "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "use_model_defaults",
+                "assistant_tokenizer", "tokenizer")
+MODEL_INPUTS = {"attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "use_cache"}
+
+
+@dataclass
+class _Patch:
+    engine: Any
+    original: Any  # what model.generate was before (a bound method)
+    had_own: bool  # whether that was an attribute of the instance (not the class's method)
+    strict: bool
+    warned: set[str] = field(default_factory=set)
+    last_results: list = field(default_factory=list)
+
+
+class Fallback(Exception):
+    """Internal: the call goes to transformers' generate, for this reason."""
+
+
+def patch(model, engine, strict: bool = False):
+    """Make `model.generate` (this instance only) run through `engine`; see the module text."""
+    if "_vpt_fast_patch" in model.__dict__:
+        restore(model)
+    had_own = "generate" in model.__dict__
+    state = _Patch(engine=engine, original=model.generate, had_own=had_own, strict=strict)
+    model.__dict__["_vpt_fast_patch"] = state
+    model.__dict__["generate"] = types.MethodType(_generate, model)
+    return model
+
+
+def restore(model):
+    """Put back the `generate` the model had before `vpt_fast.accelerate` patched it; a model
+    that is not patched is left as it is. Returns the model."""
+    state = model.__dict__.pop("_vpt_fast_patch", None)
+    if state is None:
+        return model
+    if state.had_own:
+        model.__dict__["generate"] = state.original
+    else:
+        model.__dict__.pop("generate", None)
+    return model
+
+
+def is_patched(model) -> bool:
+    return "_vpt_fast_patch" in getattr(model, "__dict__", {})
+
+
+def last_results(model) -> list:
+    """The GenerationResults of the patched model's last accelerated `generate` call, one
+    per sample (empty after a call that went to transformers' generate)."""
+    state = model.__dict__.get("_vpt_fast_patch")
+    if state is None:
+        raise ValueError("this model is not patched by vpt_fast.accelerate")
+    return list(state.last_results)
+
+
+def _generate(model, *args, **kwargs):
+    state: _Patch = model.__dict__["_vpt_fast_patch"]
+    vpt_images = kwargs.pop("vpt_images", None)
+    vpt_force = kwargs.pop("vpt_force", None)
+    state.last_results = []
+    try:
+        return _accelerated(model, state, args, dict(kwargs), vpt_images, vpt_force)
+    except Fallback as why:
+        reason = str(why)
+    if state.strict:
+        raise ValueError(f"vpt_fast: model.generate cannot run this call on the engine: {reason} (strict=True)")
+    if vpt_images is not None or vpt_force is not None:
+        raise ValueError(f"vpt_fast: this call goes to transformers' generate ({reason}), which takes no vpt_images "
+                         f"or vpt_force")
+    if reason not in state.warned:
+        state.warned.add(reason)
+        warnings.warn(f"vpt_fast: model.generate runs transformers' own generate for this call: {reason}. "
+                      f"(This warning is shown once per reason.)", stacklevel=2)
+    return state.original(*args, **kwargs)
+
+
+def _accelerated(model, state: _Patch, args, kwargs, vpt_images, vpt_force):
+    from . import _hf_compat
+
+    if len(args) > 2:
+        raise Fallback("positional arguments after generation_config")
+    input_ids = args[0] if args else kwargs.pop("inputs", None)
+    if "input_ids" in kwargs:
+        if input_ids is not None:
+            raise ValueError("input_ids given twice (as inputs and as input_ids)")
+        input_ids = kwargs.pop("input_ids")
+    generation_config = args[1] if len(args) > 1 else kwargs.pop("generation_config", None)
+    streamer = kwargs.pop("streamer", None)
+    for name in CALL_OPTIONS:
+        value = kwargs.pop(name, None)
+        if value is not None and not (name in ("logits_processor", "stopping_criteria") and len(value) == 0) and not (
+                name == "synced_gpus" and value is False):
+            raise Fallback(f"{name} is given")
+    if input_ids is None:
+        raise Fallback("no input_ids (inputs_embeds only)" if "inputs_embeds" in kwargs else "no input_ids")
+    config, model_kwargs = _hf_compat.generation_config(model, generation_config, kwargs)
+    extra = sorted(k for k, v in model_kwargs.items() if k not in MODEL_INPUTS and v is not None and v is not False)
+    if extra:
+        raise Fallback(f"model inputs the engine does not take: {', '.join(extra)}")
+    unsupported = _hf_compat.changed_generation_options(config, HONOURED | NO_EFFECT)
+    if unsupported:
+        raise Fallback(f"generation options the engine does not apply: {', '.join(unsupported)}")
+
+    engine = state.engine
+    bundle, vocab = engine.bundle, engine.bundle.vocab
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
+                         f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
+    batch, length = input_ids.shape
+    eos = config.eos_token_id
+    eos = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]
+    if vocab.im_end not in eos:
+        raise Fallback(f"the end-of-sequence ids {eos} leave out <|im_end|> ({vocab.im_end}), where the engine "
+                       f"always ends a round")
+    pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - length
+    if new_tokens < 1:
+        raise Fallback(f"max_length {config.max_length} leaves no room after the {length}-token input")
+    if streamer is not None and batch != 1:
+        raise ValueError("a streamer takes a batch of one sequence")
+
+    mask = model_kwargs.get("attention_mask")
+    if mask is None:  # inferred as transformers infers it: from the pad id, unless it also ends sequences
+        infer = pad not in eos and bool((input_ids == pad).any())
+        mask = (input_ids != pad) if infer else torch.ones_like(input_ids)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask of shape {tuple(mask.shape)} for input_ids of shape {tuple(input_ids.shape)}")
+    ids_cpu, mask_cpu = input_ids.detach().cpu(), mask.detach().cpu().bool()
+    prompts = []
+    for b in range(batch):
+        kept = mask_cpu[b].nonzero().flatten()
+        if kept.numel() == 0:
+            raise ValueError(f"sample {b} has no tokens (its attention mask is all zeros)")
+        first, last = int(kept[0]), int(kept[-1])
+        if last - first + 1 != kept.numel():
+            raise Fallback("an attention mask with holes (not left or right padding)")
+        prompts.append(ids_cpu[b, first : last + 1].tolist())
+    if max(len(p) for p in prompts) + new_tokens > engine.max_seq_len and not bundle.vpt_config.is_vpt:
+        raise Fallback(f"a sample needs {max(len(p) for p in prompts) + new_tokens} positions; the engine was built "
+                       f"with max_seq_len {engine.max_seq_len} (pass max_seq_len= to vpt_fast.accelerate)")
+    images = _images(bundle, prompts, model_kwargs, vpt_images)
+    forced = _forced(bundle, vpt_force, batch)
+
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if config.do_sample else 0
+    jobs = []
+    for b in range(batch):
+        params = SamplingParams(
+            max_new_tokens=new_tokens, do_sample=bool(config.do_sample),
+            temperature=float(config.temperature) if config.do_sample and config.temperature else 1.0,
+            top_k=int(config.top_k) if config.do_sample and config.top_k else None,
+            top_p=float(config.top_p) if config.do_sample and config.top_p is not None and config.top_p < 1 else None,
+            seed=seed + b, repetition_penalty=float(config.repetition_penalty or 1.0),
+            stop_token_ids=tuple(t for t in eos if t != vocab.im_end))
+        jobs.append((images[b], TokenPrompt(prompts[b]), params, forced[b]))
+    results = _run(engine, jobs, streamer, input_ids)
+    state.last_results = results
+    for r in results:
+        if r.finish_reason in ("error", "abort"):
+            raise ValueError(f"vpt_fast: {r.error}")
+
+    rows = []
+    for b, r in enumerate(results):
+        if r.sequence_ids[: len(prompts[b])] != prompts[b]:
+            raise RuntimeError(f"vpt_fast: sample {b}: the conversation no longer starts with its prompt")
+        rows.append(r.sequence_ids[len(prompts[b]) :])
+    width = max(len(row) for row in rows)
+    out = torch.full((batch, length + width), pad, dtype=torch.long)
+    out[:, :length] = ids_cpu
+    for b, row in enumerate(rows):
+        out[b, length : length + len(row)] = torch.tensor(row, dtype=torch.long)
+    out = out.to(input_ids.device)
+    if config.return_dict_in_generate:
+        output = _hf_compat.decoder_only_output(out)
+        output.vpt_results = results
+        return output
+    return out
+
+
+def _images(bundle, prompts: list[list[int]], model_kwargs: dict, vpt_images) -> list:
+    """One PixelImage (or None) per sample, from pixel_values and image_grid_thw."""
+    from .preprocess import load_image
+
+    pad = bundle.vocab.image_pad
+    counts = []
+    for b, ids in enumerate(prompts):
+        runs = sum(1 for i, t in enumerate(ids) if t == pad and (i == 0 or ids[i - 1] != pad))
+        if runs > 1:
+            raise Fallback("more than one image in a sample")
+        counts.append(runs)
+    pixels, grids = model_kwargs.get("pixel_values"), model_kwargs.get("image_grid_thw")
+    if vpt_images is not None and (not isinstance(vpt_images, (list, tuple)) or len(vpt_images) != len(prompts)):
+        raise ValueError(f"vpt_images must be a list with one image (or None) per sample ({len(prompts)})")
+    if vpt_images is not None:
+        extra = [b for b, (n, im) in enumerate(zip(counts, vpt_images)) if n == 0 and im is not None]
+        if extra:
+            raise ValueError(f"vpt_images gives an image for sample(s) {extra}, which hold no image pad tokens")
+    wanted = sum(counts)
+    if wanted == 0:
+        if pixels is not None:
+            raise ValueError("pixel_values given, but no sample holds image pad tokens")
+        return [None] * len(prompts)
+    if pixels is None or grids is None:
+        raise ValueError(f"{wanted} sample(s) hold image pad tokens but pixel_values / image_grid_thw are missing")
+    grids = grids.detach().cpu().long()
+    if grids.ndim != 2 or grids.shape != (wanted, 3):
+        raise ValueError(f"image_grid_thw of shape {tuple(grids.shape)} for {wanted} image(s): expected ({wanted}, 3)")
+    sizes = grids.prod(-1).tolist()
+    if pixels.ndim != 2 or pixels.shape[0] != sum(sizes):
+        raise ValueError(f"pixel_values of shape {tuple(pixels.shape)}: image_grid_thw accounts for {sum(sizes)} rows")
+    out, k, row = [], 0, 0
+    for b, n in enumerate(counts):
+        if n == 0:
+            out.append(None)
+            continue
+        picture = vpt_images[b] if vpt_images is not None else None
+        if picture is not None:
+            picture = load_image(picture)
+        out.append(PixelImage.from_rows(pixels[row : row + sizes[k]], grids[k].tolist(), bundle.processor.qwen,
+                                        picture))
+        row += sizes[k]
+        k += 1
+    return out
+
+
+def _forced(bundle, vpt_force, batch: int) -> list:
+    if vpt_force is None:
+        return [None] * batch
+
+    def ids(value):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return bundle.tokenizer(value, add_special_tokens=False)["input_ids"]
+        return [int(t) for t in value]
+
+    if isinstance(vpt_force, str) or (isinstance(vpt_force, (list, tuple)) and all(isinstance(t, int) for t in vpt_force)):
+        return [ids(vpt_force)] * batch
+    if not isinstance(vpt_force, (list, tuple)) or len(vpt_force) != batch:
+        raise ValueError(f"vpt_force must be token ids or text for every sample, or a list of {batch} of them")
+    return [ids(v) for v in vpt_force]
+
+
+def _run(engine, jobs, streamer, input_ids) -> list:
+    from .engine.state import FinishEvent, TokenEvent
+
+    results = [None] * len(jobs)
+    if streamer is not None:
+        streamer.put(input_ids.detach().cpu())
+    for event in engine._batch(jobs, label="sample"):
+        if isinstance(event, FinishEvent):
+            results[event.request] = event.result
+        elif streamer is not None and isinstance(event, TokenEvent):
+            streamer.put(torch.tensor([event.token_id]))
+    if streamer is not None:
+        streamer.end()
+    return results
