@@ -271,31 +271,20 @@ def _needs(parser: argparse.ArgumentParser, module: str, what: str) -> None:
         parser.error(f"this needs {what} ({e})")
 
 
-def _number_at_least(low: float):
-    def parse(text: str) -> float:
+def _at_least(low, kind=int):
+    """An argparse type: a number of `kind` (int or float) no smaller than `low`."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not value >= low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value
 
-    parse.__name__ = f"number >= {low}"
-    return parse
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {low}"
+    parse.__name__ = f"{kind.__name__} >= {low}"
     return parse
 
 
@@ -319,12 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", help="round-1 tokens to script, as text (e.g. '<|clip_action_start|>...')")
     run.add_argument("--trace-image", metavar="OUT.png",
                      help="save a picture of what the model looked at (for a folder: OUT_<image name>.png each)")
-    run.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
-    run.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    run.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    run.add_argument("--batch-size", type=_at_least(1), default=8)
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="default: bfloat16 on a GPU, float32 on the CPU")
-    run.add_argument("--max-seq-len", type=_int_at_least(2), default=4096, help="KV cache positions per request")
+    run.add_argument("--max-seq-len", type=_at_least(2), default=4096, help="KV cache positions per request")
     run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
                      help="single-pass engine, or the two-round reference flow (slow, for comparison)")
     run.set_defaults(func=cmd_run, parser=run)
@@ -339,10 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=["region", "reencode", "free"], default="free",
                     help="add the trigger sentence of the prompted models")
     ev.add_argument("--force", help="round-1 tokens to script for every item, as text")
-    ev.add_argument("--batch-size", type=_int_at_least(1), default=8, help="items per engine batch (and per write)")
-    ev.add_argument("--limit", type=_int_at_least(1), default=None, help="only the first N items of DATA")
-    ev.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
-    ev.add_argument("--max-seq-len", type=_int_at_least(2), default=4096, help="KV cache positions per request")
+    ev.add_argument("--batch-size", type=_at_least(1), default=8, help="items per engine batch (and per write)")
+    ev.add_argument("--limit", type=_at_least(1), default=None, help="only the first N items of DATA")
+    ev.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    ev.add_argument("--max-seq-len", type=_at_least(2), default=4096, help="KV cache positions per request")
     ev.add_argument("--retry-errors", action="store_true", help="ask again the items whose RESULTS rows are errors")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; on Ray: "
                     "cuda in each worker that has a GPU)")
@@ -351,23 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="run on Ray: alone, the cluster RAY_ADDRESS names or a new one on this machine; 'auto' for "
                          "the cluster this machine is in; or the head's address (needs vpt_fast[ray])")
-    ev.add_argument("--workers", type=_int_at_least(1), default=1, help="Ray actors, one engine each")
-    ev.add_argument("--gpus-per-worker", type=_number_at_least(0), default=None, help="GPUs per actor (default 1)")
+    ev.add_argument("--workers", type=_at_least(1), default=1, help="Ray actors, one engine each")
+    ev.add_argument("--gpus-per-worker", type=_at_least(0, float), default=None, help="GPUs per actor (default 1)")
     ev.set_defaults(func=cmd_eval, parser=ev)
     serve = sub.add_parser("serve", help="serve the OpenAI chat-completions protocol (needs vpt_fast[serve])")
     serve.add_argument("--model", help="a VPT or Qwen2-VL checkpoint folder (default: the tiny random demo one)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_int_at_least(1), default=8000)
+    serve.add_argument("--port", type=_at_least(1), default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--served-model-name", help="the model name clients use (default: the folder's name)")
     serve.add_argument("--allowed-local-media-path", metavar="DIR", help="accept file:// image URLs inside DIR")
-    serve.add_argument("--max-image-bytes", type=_int_at_least(1), default=20 * 2**20)
-    serve.add_argument("--max-image-pixels", type=_int_at_least(1), default=64_000_000)
-    serve.add_argument("--max-queue", type=_int_at_least(1), default=1024, help="requests waiting before 429s")
-    serve.add_argument("--max-batch-size", type=_int_at_least(1), default=32)
-    serve.add_argument("--max-seq-len", type=_int_at_least(2), default=4096)
+    serve.add_argument("--max-image-bytes", type=_at_least(1), default=20 * 2**20)
+    serve.add_argument("--max-image-pixels", type=_at_least(1), default=64_000_000)
+    serve.add_argument("--max-queue", type=_at_least(1), default=1024, help="requests waiting before 429s")
+    serve.add_argument("--max-batch-size", type=_at_least(1), default=32)
+    serve.add_argument("--max-seq-len", type=_at_least(2), default=4096)
     serve.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")
-    serve.add_argument("--default-max-tokens", type=_int_at_least(1), default=256,
+    serve.add_argument("--default-max-tokens", type=_at_least(1), default=256,
                        help="the token limit of a round when a request gives none")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -375,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="deploy on Ray Serve (needs vpt_fast[ray]): alone, the cluster RAY_ADDRESS names or a new "
                             "one on this machine; 'auto' for the cluster this machine is in; or the head's address")
-    serve.add_argument("--replicas", type=_int_at_least(1), default=None, help="Ray Serve replicas (default 1)")
-    serve.add_argument("--gpus-per-replica", type=_number_at_least(0), default=None, help="GPUs per replica (default 1)")
-    serve.add_argument("--max-replicas", type=_int_at_least(1), default=None,
+    serve.add_argument("--replicas", type=_at_least(1), default=None, help="Ray Serve replicas (default 1)")
+    serve.add_argument("--gpus-per-replica", type=_at_least(0, float), default=None, help="GPUs per replica (default 1)")
+    serve.add_argument("--max-replicas", type=_at_least(1), default=None,
                        help="autoscale between --replicas and this on ongoing requests per replica")
     serve.set_defaults(func=cmd_serve, parser=serve)
     tiny = sub.add_parser("make-tiny", help="write a tiny random VPT checkpoint in the released format")
