@@ -24,7 +24,9 @@ Greedy decoding gives transformers' tokens (it is tested token for token). Sampl
 from the same distribution with the engine's own generator per sample (seeded from torch's
 global generator, so `torch.manual_seed` makes a call repeatable), not transformers' draws.
 Each sample is run without its padding, so a right-padded batch gets the answer its prompt
-alone gets (transformers' generate expects left padding for that).
+alone gets (transformers' generate expects left padding for that), and a repetition penalty
+counts the sample's own tokens only (transformers' also counts a left-padded sample's pad
+tokens as seen).
 
 With a VPT checkpoint the new tokens are the whole conversation the two-round flow ends
 with: round 1, and after a perception the turns that show the crop or the re-encoding,

@@ -219,8 +219,14 @@ class Engine:
         single = not (isinstance(messages, Sequence) and messages and all(
             isinstance(m, Sequence) and not isinstance(m, (str, bytes, Mapping)) for m in messages))
         batch = [messages] if single else list(messages)
-        forced = check_batch([None] * len(batch), [""] * len(batch), [forced_tokens] if single and forced_tokens is not
-                             None else forced_tokens)
+        if single:
+            forced = [forced_tokens]
+        elif forced_tokens is None:
+            forced = [None] * len(batch)
+        elif isinstance(forced_tokens, Sequence) and len(forced_tokens) == len(batch):
+            forced = list(forced_tokens)
+        else:
+            raise ValueError(f"forced_tokens must have one entry (None or token ids) per conversation ({len(batch)})")
         media, jobs, failed = MediaPolicy(), [], {}
         for i, conv in enumerate(batch):
             try:
