@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from .chat import question_prompt
+from .prompt import script_ids
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_FORCE = "<|region_token_start|><|x_2|><|y_3|><|x_5|><|y_5|><|region_token_end|><|im_end|>"
@@ -30,15 +31,6 @@ def _images(parser: argparse.ArgumentParser, path: str) -> list[Path]:
     if not p.exists():
         parser.error(f"--image: {p} does not exist")
     return [p]
-
-
-def _force_ids(tokenizer, text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"--force {text!r} encodes to no tokens")
-    return ids
 
 
 def _trace_paths(parser: argparse.ArgumentParser, option: str | None, images: list[Path]) -> list[Path | None]:
@@ -111,7 +103,7 @@ def cmd_run(args) -> int:
         if not model_path.is_dir():
             parser.error(f"--model: {model_path} is not a checkpoint folder")
     bundle = load_vpt_checkpoint(model_path, dtype=args.dtype, device=device)
-    forced = _force_ids(bundle.tokenizer, force)
+    forced = script_ids(bundle.tokenizer, force) if force else None
     prompt = question_prompt(args.question, args.mode)
     if args.pipeline == "engine":
         from .engine import Engine

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .preprocess import PixelImage
-from .prompt import TokenPrompt
+from .prompt import TokenPrompt, encode
 from .sampling import SamplingParams
 
 # GenerationConfig fields the engine honours, and fields with no effect on a single greedy or
@@ -305,7 +305,7 @@ def _forced(bundle, vpt_force, batch: int) -> list:
         if value is None:
             return None
         if isinstance(value, str):
-            return bundle.tokenizer(value, add_special_tokens=False)["input_ids"]
+            return encode(bundle.tokenizer, value)
         return [int(t) for t in value]
 
     if isinstance(vpt_force, str) or (isinstance(vpt_force, (list, tuple)) and all(isinstance(t, int) for t in vpt_force)):

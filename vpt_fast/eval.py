@@ -139,16 +139,13 @@ class Answerer:
 
     def __init__(self, engine, mode: str | None = None, max_new_tokens: int = 64, force: str | None = None):
         from .media import MediaPolicy
+        from .prompt import script_ids
 
         self.engine = engine
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self.media = MediaPolicy()
-        self.forced = None
-        if force:
-            self.forced = engine.bundle.tokenizer(force, add_special_tokens=False)["input_ids"]
-            if not self.forced:
-                raise ValueError(f"force {force!r} encodes to no tokens")
+        self.forced = script_ids(engine.bundle.tokenizer, force) if force else None
 
     def rows(self, items: list[Item]) -> list[dict[str, Any]]:
         from .chat import question_prompt

@@ -82,6 +82,15 @@ def encode(tokenizer, text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def script_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of round-1 tokens scripted as text (`--force`, `vpt_force`), special-token
+    text parsed as those tokens; ValueError when the text encodes to no tokens."""
+    ids = encode(tokenizer, text)
+    if not ids:
+        raise ValueError(f"the scripted tokens {text!r} encode to no tokens")
+    return ids
+
+
 def region_prompt(n_crops: int, crop_spans: Sequence[str]) -> str:
     """Round-2 user turn for region crops: the crop alone, or "Region i: <crop>\\n" for several."""
     if n_crops == 1:

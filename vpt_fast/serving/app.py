@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from ..chat import from_messages
 from ..engine import AsyncEngine, EngineClosed, FinishEvent, PerceptionEvent, QueueFull, RequestRejected, TokenEvent
 from ..media import MediaError, MediaPolicy
+from ..prompt import encode
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, Completion, error_json, trace_json, vpt_json
 
@@ -147,7 +148,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             image, chat = from_messages(body.messages_as_dicts(), mode=body.vpt_mode)
         except (TypeError, ValueError) as e:
             raise HTTPError(400, str(e), "messages") from None
-        forced = tokenizer(body.vpt_force, add_special_tokens=False)["input_ids"] if body.vpt_force else None
+        forced = encode(tokenizer, body.vpt_force) if body.vpt_force else None  # serialised with the engine's encodes
         handle = await submit(image, chat, params, forced)
         completion = Completion(config.model_name)
         if body.stream:
