@@ -173,13 +173,8 @@ class Answerer:
         return out
 
 
-def _trace(result) -> list[dict[str, Any]]:
-    return [{"kind": t.kind, "cells": [list(c) for c in t.cells], "boxes": [list(b) for b in t.boxes],
-             "tokens_spliced": t.tokens_spliced, "tokens_rolled_back": t.tokens_rolled_back} for t in result.trace]
-
-
 def _result_row(item: Item, result) -> dict[str, Any]:
-    row = {"id": item.id, "prediction": result.text, "finish_reason": result.finish_reason, "trace": _trace(result)}
+    row = {"id": item.id, "prediction": result.text, "finish_reason": result.finish_reason, "trace": [t.to_json(timing=False) for t in result.trace]}
     if result.error:
         row["error"] = f"{item.id}: {result.error}"
     if item.answer is not None and result.finish_reason != "error":

@@ -33,6 +33,14 @@ class PerceptionTrace:
     tokens_rolled_back: int  # cached tokens dropped because the next round re-reads them differently
     seconds: float  # wall time from the end of the round to the spliced segment in the cache
 
+    def to_json(self, timing: bool = True) -> dict[str, Any]:
+        """The trace as JSON-ready data (lists for the tuples); with timing, "ms" as well."""
+        out = {"kind": self.kind, "cells": [list(c) for c in self.cells], "boxes": [list(b) for b in self.boxes],
+               "tokens_spliced": self.tokens_spliced, "tokens_rolled_back": self.tokens_rolled_back}
+        if timing:
+            out["ms"] = round(self.seconds * 1e3, 3)
+        return out
+
 
 @dataclass
 class GenerationResult:

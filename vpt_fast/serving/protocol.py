@@ -103,9 +103,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 def trace_json(t: PerceptionTrace) -> dict[str, Any]:
-    return {"kind": t.kind, "cells": [list(c) for c in t.cells], "boxes": [list(b) for b in t.boxes],
-            "tokens_spliced": t.tokens_spliced, "tokens_rolled_back": t.tokens_rolled_back,
-            "ms": round(t.seconds * 1e3, 3)}
+    return t.to_json()
 
 
 def vpt_json(result: GenerationResult, round1_text: str) -> dict[str, Any]:
