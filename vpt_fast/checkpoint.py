@@ -84,6 +84,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return d
 
 
+def placement(device: str | torch.device | None = None, dtype: str | None = None) -> tuple[torch.device, str]:
+    """(device, dtype name) to load a model with: the device given (checked by
+    `resolve_device`), else cuda when this process sees a GPU (in a Ray actor: the ones Ray
+    gave it), else the CPU; the dtype given, else bfloat16 on a GPU and float32 on the CPU."""
+    d = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return d, dtype or ("bfloat16" if d.type == "cuda" else "float32")
+
+
 @dataclass(frozen=True)
 class VPTConfig:
     """The VPT fields of a checkpoint's config.json (docs/vpt.md §3)."""

@@ -87,9 +87,7 @@ def cmd_run(args) -> int:
     traces_out = _trace_paths(parser, args.trace_image, images)
     if not args.question.strip():
         parser.error("--question is empty")
-    device = _device(parser, args.device)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    device, args.dtype = _placement(parser, args.device, args.dtype)
     force = args.force
     if args.model is None:
         from .tiny import demo_checkpoint
@@ -171,8 +169,7 @@ def cmd_eval(args) -> int:
 
         if args.workers != 1 or args.gpus_per_worker is not None:
             parser.error("--workers and --gpus-per-worker need --ray")
-        device = _device(parser, args.device)
-        dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        device, dtype = _placement(parser, args.device, args.dtype)
         bundle = load_vpt_checkpoint(model or demo_checkpoint("region"), dtype=dtype, device=device)
         try:
             engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=max(args.batch_size, 1))
@@ -209,8 +206,7 @@ def cmd_serve(args) -> int:
     if args.ray is None:
         if args.replicas is not None or args.gpus_per_replica is not None or args.max_replicas is not None:
             parser.error("--replicas, --gpus-per-replica and --max-replicas need --ray")
-        args.device = _device(parser, args.device)
-        args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+        args.device, args.dtype = _placement(parser, args.device, args.dtype)
         from .serving.server import serve
 
         return serve(args)
@@ -235,12 +231,12 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
-def _device(parser: argparse.ArgumentParser, device: str | None):
-    """The torch device of --device (default: cuda when this machine has one)."""
-    from .checkpoint import resolve_device
+def _placement(parser: argparse.ArgumentParser, device: str | None, dtype: str | None):
+    """(torch device, dtype name) of --device and --dtype (see `checkpoint.placement`)."""
+    from .checkpoint import placement
 
     try:
-        return resolve_device(device or _default_device())
+        return placement(device, dtype)
     except ValueError as e:
         parser.error(f"--device: {e}")
 
@@ -278,12 +274,6 @@ def _at_least(low, kind=int):
 
     parse.__name__ = f"{kind.__name__} >= {low}"
     return parse
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,14 +36,11 @@ APP_NAME = "vpt-fast"
 def _engine(model: str | None, engine_options: dict[str, Any], device: str | None, dtype: str | None):
     """An engine on this process's device: the `device` given, else cuda when this process
     sees a GPU (in a Ray actor: the ones Ray gave it), else the CPU."""
-    import torch
-
-    from .checkpoint import load_vpt_checkpoint, resolve_device
+    from .checkpoint import load_vpt_checkpoint, placement
     from .engine import Engine
     from .tiny import demo_checkpoint
 
-    device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    device, dtype = placement(device, dtype)
     bundle = load_vpt_checkpoint(model or demo_checkpoint("region"), dtype=dtype, device=device)
     return Engine(bundle, **engine_options)
 
@@ -164,14 +161,11 @@ class _Replica:
     def __serve_build_asgi_app__(self):
         from ray import serve
 
-        from .checkpoint import resolve_device
+        from .checkpoint import placement
         from .serving.server import make_app
 
         args = SimpleNamespace(**self.options)
-        import torch
-
-        args.device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+        args.device, args.dtype = placement(args.device, args.dtype)
         return make_app(args, replica_id=serve.get_replica_context().replica_tag)
 
 
