@@ -115,10 +115,6 @@ def restore(model):
     return model
 
 
-def is_patched(model) -> bool:
-    return "_vpt_fast_patch" in getattr(model, "__dict__", {})
-
-
 def last_results(model) -> list:
     """The GenerationResults of the patched model's last accelerated `generate` call, one
     per sample (empty after a call that went to transformers' generate)."""
@@ -210,8 +206,9 @@ def _accelerated(model, state: _Patch, args, kwargs, vpt_images, vpt_force):
         if last - first + 1 != kept.numel():
             raise Fallback("an attention mask with holes (not left or right padding)")
         prompts.append(ids_cpu[b, first : last + 1].tolist())
-    if max(len(p) for p in prompts) + new_tokens > engine.max_seq_len and not bundle.vpt_config.is_vpt:
-        raise Fallback(f"a sample needs {max(len(p) for p in prompts) + new_tokens} positions; the engine was built "
+    needed = max(len(p) for p in prompts) + new_tokens
+    if needed > engine.max_seq_len and not bundle.vpt_config.is_vpt:
+        raise Fallback(f"a sample needs {needed} positions; the engine was built "
                        f"with max_seq_len {engine.max_seq_len} (pass max_seq_len= to vpt_fast.accelerate)")
     images = _images(bundle, prompts, model_kwargs, vpt_images)
     forced = _forced(bundle, vpt_force, batch)
