@@ -183,10 +183,10 @@ def deployment(options: dict[str, Any], replicas: int = 1, gpus_per_replica: flo
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     if max_replicas is not None and max_replicas < replicas:
         raise ValueError(f"max_replicas ({max_replicas}) must be at least replicas ({replicas})")
-    full = dict(model=None, device=None, dtype=None, api_key=None, served_model_name=None, allowed_local_media_path=None,
-                max_image_bytes=20 * 2**20, max_image_pixels=64_000_000, max_queue=1024, max_batch_size=32,
-                max_seq_len=4096, kv_cache_gib=None, default_max_tokens=256)
-    full.update(options)
+    from .cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["serve"]))  # `vpt-fast serve`'s own defaults
+    full = {name: options.get(name, defaults[name]) for name in SERVE_OPTIONS}
     batch = full["max_batch_size"]
     scaling: dict[str, Any] = {"num_replicas": replicas}
     if max_replicas is not None and max_replicas > replicas:
