@@ -172,7 +172,7 @@ def cmd_eval(args) -> int:
         device, dtype = _placement(parser, args.device, args.dtype)
         bundle = load_vpt_checkpoint(model or demo_checkpoint("region"), dtype=dtype, device=device)
         try:
-            engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=max(args.batch_size, 1))
+            engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
         except ValueError as e:
             parser.error(f"--max-seq-len: {e}")
         summary = evaluate(data, out, engine, mode=args.mode, batch_size=args.batch_size, limit=args.limit,

@@ -445,21 +445,8 @@ class VPTImageProcessor:
         return cap_image(load_image(image), self.max_side)
 
     def qwen_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen2-VL ``pixel_values`` and ``image_grid_thw`` for one image or a list (a
-        `PixelImage` gives its own rows)."""
-        images = _as_list(images)
-        if not any(isinstance(im, PixelImage) for im in images):
-            return qwen_image_inputs([self.prepare(im) for im in images], self.qwen)
-        rows, grids = [], []
-        for im in images:
-            if isinstance(im, PixelImage):
-                rows.append(im.rows.to("cpu", torch.float32))
-                grids.append(torch.tensor([im.grid], dtype=torch.long))
-            else:
-                r, g = qwen_image_inputs([self.prepare(im)], self.qwen)
-                rows.append(r)
-                grids.append(g)
-        return torch.cat(rows), torch.cat(grids)
+        """Qwen2-VL ``pixel_values`` and ``image_grid_thw`` for one image or a list."""
+        return qwen_image_inputs([self.prepare(im) for im in _as_list(images)], self.qwen)
 
     def crop_inputs(
         self, image: Any, boxes: Iterable[Sequence[int]]
