@@ -702,3 +702,84 @@ def test_loading_prints_no_transformers_warnings(tiny_ckpt, capfd):
         hf_logging.get_logger().removeHandler(handler)
     assert [r.getMessage() for r in records] == []
     assert "[transformers]" not in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- dtypes as transformers keeps them
+
+
+def _dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {**{n: p.dtype for n, p in module.named_parameters()}, **{n: b.dtype for n, b in module.named_buffers()}}
+
+
+def _transformers_copy(bundle, src: Path, dst: Path) -> Path:
+    """The bundle's Qwen2-VL weights saved by transformers itself, for its own from_pretrained."""
+    bundle.model.save_pretrained(dst)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "preprocessor")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["released", "safetensors", "transformers5"])
+def test_every_load_path_keeps_float32_what_transformers_keeps(tmp_path, tiny_ckpt, tiny_bundle, fmt, dtype):
+    """Parameters and buffers get the dtypes transformers' own from_pretrained gives the same
+    weights: the rotary inverse frequencies (text and vision) stay float32 and equal, and the
+    logits of the two loads agree bit for bit."""
+    src, base = tiny_ckpt("sam"), tiny_bundle("sam")
+    folder = {"released": lambda: src, "safetensors": lambda: _save_safetensors(src, tmp_path / fmt),
+              "transformers5": lambda: _save_transformers5(src, tmp_path / fmt, base)}[fmt]()
+    ours = load_vpt_checkpoint(folder, dtype=dtype)
+    theirs = Qwen2VLForConditionalGeneration.from_pretrained(_transformers_copy(base, src, tmp_path / "hf"), dtype=dtype)
+    assert _dtypes(ours.model) == _dtypes(theirs)
+    inv_freq = [n for n in _dtypes(theirs) if n.endswith("inv_freq")]
+    assert len(inv_freq) == 4  # text and vision, each with its original_inv_freq
+    for name in inv_freq:
+        assert ours.model.get_buffer(name).dtype == torch.float32, name
+        assert torch.equal(ours.model.get_buffer(name), theirs.get_buffer(name)), name
+    inputs = image_inputs(ours)
+    assert torch.equal(logits(ours.model, inputs), logits(theirs.eval(), inputs))
+    for name in ("seg_model", "seg_projector"):
+        assert {d for d in _dtypes(getattr(ours, name)).values()} == {dtype}, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_accelerate_leaves_a_transformers_model_as_transformers_loaded_it(tmp_path, tiny_ckpt, tiny_bundle, dtype):
+    import vpt_fast
+
+    src = tiny_ckpt("region")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(_transformers_copy(tiny_bundle("region"), src, tmp_path / "hf"),
+                                                            dtype=dtype)
+    before = _dtypes(model)
+    assert before["model.language_model.rotary_emb.inv_freq"] == torch.float32
+    engine = vpt_fast.accelerate(model, tiny_bundle("region").tokenizer, patch=False, max_seq_len=256)
+    assert _dtypes(model) == before
+    assert engine.runner.rotary.inv_freq.dtype == torch.float32
+
+
+class _KeepsNorm(torch.nn.Module):
+    """A module declaring what transformers keeps in float32: `norm` always, `head` under float16."""
+
+    _keep_in_fp32_modules_strict = ["norm"]
+    _keep_in_fp32_modules = ["head"]
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 2)
+        self.tied = self.body.weight
+        self.register_buffer("scale", torch.ones(4))
+        self.register_buffer("freq", torch.arange(4.0), persistent=False)
+
+
+@pytest.mark.parametrize("dtype,float32_parts", [(torch.bfloat16, ("norm",)), (torch.float16, ("norm", "head"))])
+def test_cast_follows_keep_in_fp32_declarations(dtype, float32_parts):
+    from vpt_fast._hf_compat import cast_like_from_pretrained
+
+    m = cast_like_from_pretrained(_KeepsNorm(), dtype, "cpu")
+    for name, p in m.named_parameters():
+        want = torch.float32 if name.split(".")[0] in float32_parts else dtype
+        assert p.dtype == want, name
+    assert m.tied is m.body.weight and m.body.weight.dtype == dtype
+    assert m.scale.dtype == dtype and m.freq.dtype == torch.float32

@@ -25,6 +25,48 @@ def no_init_weights():
     return context()
 
 
+# ----------------------------------------------------------------------------- dtypes
+
+
+def float32_patterns(module: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """Names of submodules whose parameters transformers' `from_pretrained(dtype=dtype)`
+    keeps in float32: `_keep_in_fp32_modules` for float16, `_keep_in_fp32_modules_strict`
+    for float16 and bfloat16, gathered over every transformers submodule."""
+    names: set[str] = set()
+    for m in module.modules():
+        if dtype == torch.float16:
+            names.update(getattr(m, "_keep_in_fp32_modules", None) or ())
+        if dtype in (torch.float16, torch.bfloat16):
+            names.update(getattr(m, "_keep_in_fp32_modules_strict", None) or ())
+    return tuple(sorted(names))
+
+
+@torch.no_grad()
+def cast_like_from_pretrained(module: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Move `module` to `device` and cast it to `dtype` the way transformers'
+    `from_pretrained(dtype=dtype)` leaves a model: floating parameters and persistent
+    floating buffers (what a checkpoint holds) in `dtype`, except the parameters of the
+    modules transformers keeps in float32 (`float32_patterns`); non-persistent buffers
+    (rotary inverse frequencies, computed in float32 at construction) keep their dtype.
+    A plain `module.to(dtype)` would cast those too: bf16 inverse frequencies put M-RoPE
+    angles off by about a radian at position 1,500. Tied parameters stay tied. Returns
+    `module`."""
+    import re
+
+    module.to(device)
+    keep = float32_patterns(module, dtype)
+    keep_re = re.compile(r"(^|\.)(" + "|".join(re.escape(k) for k in keep) + r")(\.|$)") if keep else None
+    for name, p in module.named_parameters():  # each shared tensor once, under its first name
+        if p.is_floating_point():
+            target = torch.float32 if keep_re is not None and keep_re.search(name) else dtype
+            p.data = p.data.to(target)
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = b.to(dtype)
+    return module
+
+
 # ----------------------------------------------------------------------------- model parts
 
 

@@ -458,7 +458,7 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torc
 
     for m in (bundle.model, bundle.clip_projector, bundle.detection_model, bundle.detection_projector, bundle.seg_model, bundle.seg_projector):
         if m is not None:
-            m.to(device=device, dtype=dtype).eval()
+            _hf_compat.cast_like_from_pretrained(m, dtype, device).eval()
     _check_finite(bundle, folder)
     return bundle
 
