@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from vpt_fast.engine import Engine  # noqa: E402
-from vpt_fast.scale_out import evaluate_with_ray  # noqa: E402
+from vpt_fast.scale_out import ClusterTooSmall, actors_that_fit, evaluate_with_ray, plan_actors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,10 +78,30 @@ def test_actors_on_two_nodes_and_a_resumed_run(cluster, dataset, tiny_ckpt, tmp_
     assert head not in {w["node"] for w in summary.workers}
 
 
-def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, dataset, tiny_ckpt, tmp_path):
+def test_a_pool_the_cluster_cannot_hold_fails_at_once(cluster, dataset, tiny_ckpt, tmp_path):
     data, _ = dataset
-    with pytest.raises(RuntimeError, match=r"3 worker\(s\) did not all start within 3.0 s.*2.0 GPU\(s\).*4 GPU"):
-        run(data, tmp_path / "out.jsonl", tiny_ckpt("region"), workers=3, gpus_per_worker=2.0, start_timeout=3.0)
+    start = time.monotonic()
+    with pytest.raises(ClusterTooSmall, match=r"3 worker\(s\) of 2 GPU\(s\) and 1 CPU\(s\) each were asked for; the "
+                                              r"Ray cluster holds 1 such: 3 node\(s\) .*4 GPU\(s\) in all"):
+        run(data, tmp_path / "out.jsonl", tiny_ckpt("region"), workers=3, gpus_per_worker=2.0)
+    assert time.monotonic() - start < 30  # not the start timeout
+    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_actor_plans_against_node_resources(capsys):
+    gpu_nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 1.0}]
+    cpu_nodes = [{"CPU": 8.0}, {"CPU": 2.0}]
+    assert plan_actors("worker", 3, None, 1.0, gpu_nodes) == 1.0  # a GPU each, where there are GPUs
+    assert plan_actors("worker", 10, None, 1.0, cpu_nodes) == 0.0  # none anywhere: CPU actors, said once
+    assert capsys.readouterr().out == "the Ray cluster has no GPU: 10 worker(s) run on the CPU\n"
+    assert plan_actors("worker", 2, 0.5, 4.0, gpu_nodes) == 0.5
+    assert actors_that_fit(gpu_nodes, 0.5, 1.0) == 6 and actors_that_fit(gpu_nodes, 1.0, 4.0) == 3
+    with pytest.raises(ClusterTooSmall, match=r"1 replica\(s\) of 1 GPU\(s\) .* 2 node\(s\) \(0 GPU/8 CPU, 0 GPU/2 CPU\)"):
+        plan_actors("replica", 1, 1.0, 1.0, cpu_nodes)  # GPUs asked for explicitly: fail, do not fall back
+    with pytest.raises(ClusterTooSmall, match=r"4 worker\(s\) of 1 GPU\(s\) and 1 CPU\(s\) each .* holds 3 such"):
+        plan_actors("worker", 4, None, 1.0, gpu_nodes)
+    with pytest.raises(ClusterTooSmall, match="holds 2 such"):
+        plan_actors("worker", 3, 0.0, 4.0, [{"CPU": 8.0}, {"CPU": 3.0}])
 
 
 def test_eval_cli_on_an_existing_cluster(cluster, dataset, tiny_ckpt, tmp_path):

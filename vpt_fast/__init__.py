@@ -28,9 +28,11 @@ def from_pretrained(path_or_model, dtype: torch.dtype | str = torch.float32, dev
 
     dtype: torch.float32, bfloat16 or float16, or its name ("bfloat16"); device: "cpu" or
     a CUDA device; anything else raises ValueError before any weight is read. options go
-    to `Engine` (max_seq_len, max_batch_size, kv_cache_tokens or kv_cache_gib, block_size,
-    cuda_graphs, image_pipeline); a max_seq_len above the model's max_position_embeddings
-    raises ValueError too."""
+    to `Engine` (max_seq_len, default min(4096, the model's max_position_embeddings),
+    max_batch_size, kv_cache_tokens or kv_cache_gib, block_size, cuda_graphs, capture_graphs,
+    image_pipeline); a max_seq_len above the model's max_position_embeddings raises ValueError
+    too. The load keeps in float32 what transformers' from_pretrained keeps in float32 (the
+    rotary inverse frequencies among them)."""
     if isinstance(path_or_model, (str, os.PathLike)):
         from .checkpoint import load_vpt_checkpoint
 
@@ -52,7 +54,8 @@ def accelerate(hf_model, processor, *, patch: bool = True, strict: bool = False,
     With patch=False the model is left as it is.
 
     processor: a transformers Qwen2-VL processor (its tokenizer and image processor are
-    used) or a tokenizer alone (default image settings). VPT branches are passed as the
+    used) or a tokenizer alone (then the image settings follow the model's vision config:
+    patch, merge and temporal patch sizes; the pixel bounds and normalisation are Qwen2-VL's). VPT branches are passed as the
     modules the checkpoint would hold; vpt_config (a `VPTConfig` or the VPT fields of a
     checkpoint's config.json) says which token ids drive them, and defaults to the
     fields found in `hf_model.config`. options go to `Engine` (max_seq_len,
@@ -70,7 +73,10 @@ def accelerate(hf_model, processor, *, patch: bool = True, strict: bool = False,
     if not hasattr(tokenizer, "get_vocab"):
         raise TypeError(f"processor must be a Qwen2-VL processor or a tokenizer, got {type(processor).__name__}")
     image_processor = getattr(processor, "image_processor", None)
-    qwen = QwenImageConfig.from_dict(image_processor.to_dict()) if image_processor is not None else QwenImageConfig()
+    if image_processor is not None:
+        qwen = QwenImageConfig.from_dict(image_processor.to_dict())
+    else:
+        qwen = QwenImageConfig.from_vision_config(hf_model.config.vision_config)
     if vpt_config is None:
         vcfg = VPTConfig.from_dict(hf_model.config.to_dict())
     elif isinstance(vpt_config, VPTConfig):

@@ -326,9 +326,13 @@ def load_tokenizer(folder: str | os.PathLike, config=None):
         raise CheckpointError(f"cannot load a tokenizer from {folder}: {e}") from e
 
 
-def load_processor(folder: str | os.PathLike) -> VPTImageProcessor:
+def load_processor(folder: str | os.PathLike, vision_config=None) -> VPTImageProcessor:
+    """The image processor of preprocessor_config.json; without that file, the settings the
+    model's vision config implies (`QwenImageConfig.from_vision_config`), else the defaults."""
     f = Path(folder) / "preprocessor_config.json"
     if not f.exists():
+        if vision_config is not None:
+            return VPTImageProcessor(qwen=QwenImageConfig.from_vision_config(vision_config))
         return VPTImageProcessor(qwen=QwenImageConfig())
     d = _read_json(f)
     if not isinstance(d, dict):
@@ -438,7 +442,8 @@ def load_vpt_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torc
         if kind in encoders and not groups[name]:
             raise CheckpointError(f"vision_encoder_ls names {kind!r} but the checkpoint has no {name}.* weights")
 
-    bundle = VPTBundle(model=model, tokenizer=tokenizer, processor=load_processor(folder), vpt_config=vcfg, vocab=vocab, path=str(folder))
+    bundle = VPTBundle(model=model, tokenizer=tokenizer, processor=load_processor(folder, qcfg.vision_config),
+                       vpt_config=vcfg, vocab=vocab, path=str(folder))
     if "clip" in encoders:
         bundle.clip_projector = _build(lambda: ClipProjector(hidden, vcfg.projector_scale))
         _load_into(bundle.clip_projector, groups["clip_projector"], "clip_projector")

@@ -1,7 +1,8 @@
 """`vpt-fast run | eval | serve | make-tiny`: answer questions about images with a VPT model.
 
 Exit status: 0 when every request was answered, 1 when a request failed (finish reason
-`error` or `no_room`) or the model could not be loaded, 2 for a usage error. Errors are
+`error` or `no_room`) or the model could not be loaded (`serve`: or its engine died of a
+device failure, so that a supervisor restarts it), 2 for a usage error. Errors are
 one line on stderr; `--debug` adds the traceback. `eval` exits 0 once every item has a
 row, error rows included (they are counted in its summary).
 """
@@ -19,6 +20,15 @@ from .prompt import script_ids
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_FORCE = "<|region_token_start|><|x_2|><|y_3|><|x_5|><|y_5|><|region_token_end|><|im_end|>"
 FAILED = ("error", "no_room")  # finish reasons of requests that got no answer
+MAX_SEQ_LEN_HELP = "the most tokens one request holds (default: 4096, or the model's max_position_embeddings if smaller)"
+
+
+def say_warmup(engine) -> None:
+    """One line on stderr when the engine captured its decode graphs at build."""
+    capture = engine.graph_capture
+    if capture is not None:
+        print(f"captured decode graphs for batch sizes up to {capture.buckets[-1]} in {capture.seconds:.1f} s "
+              f"({capture.bytes / 2**20:.0f} MiB)", file=sys.stderr)
 
 
 def _images(parser: argparse.ArgumentParser, path: str) -> list[Path]:
@@ -110,6 +120,7 @@ def cmd_run(args) -> int:
             engine = Engine(bundle, max_seq_len=args.max_seq_len)
         except ValueError as e:
             parser.error(f"--max-seq-len: {e}")
+        say_warmup(engine)
         run = lambda chunk, n: engine.generate(chunk, [prompt] * n, args.max_new_tokens, [forced] * n)
     else:
         from .reference import two_round_generate
@@ -175,15 +186,15 @@ def cmd_eval(args) -> int:
             engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
         except ValueError as e:
             parser.error(f"--max-seq-len: {e}")
+        say_warmup(engine)
         summary = evaluate(data, out, engine, mode=args.mode, batch_size=args.batch_size, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, force=force, retry_errors=args.retry_errors)
     else:
         _needs(parser, "ray", "the ray extra: pip install 'vpt_fast[ray]'")
         from .scale_out import evaluate_with_ray
 
-        gpus = 1.0 if args.gpus_per_worker is None else args.gpus_per_worker
         summary = evaluate_with_ray(data, out, model=model, address=args.ray or None, workers=args.workers,
-                                    gpus_per_worker=gpus, mode=args.mode, batch_size=args.batch_size, limit=args.limit,
+                                    gpus_per_worker=args.gpus_per_worker, mode=args.mode, batch_size=args.batch_size, limit=args.limit,
                                     max_new_tokens=args.max_new_tokens, force=force, retry_errors=args.retry_errors,
                                     engine_options={"max_seq_len": args.max_seq_len,
                                                     "max_batch_size": args.batch_size},
@@ -217,9 +228,8 @@ def cmd_serve(args) -> int:
     if args.max_replicas is not None and args.max_replicas < replicas:
         parser.error(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({replicas})")
     options = {name: getattr(args, name) for name in SERVE_OPTIONS}
-    gpus = 1.0 if args.gpus_per_replica is None else args.gpus_per_replica
     serve_with_ray(options, address=args.ray or None, host=args.host, port=args.port, replicas=replicas,
-                   gpus_per_replica=gpus, max_replicas=args.max_replicas)
+                   gpus_per_replica=args.gpus_per_replica, max_replicas=args.max_replicas)
     return 0
 
 
@@ -295,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="default: bfloat16 on a GPU, float32 on the CPU")
-    run.add_argument("--max-seq-len", type=_at_least(2), default=4096, help="KV cache positions per request")
+    run.add_argument("--max-seq-len", type=_at_least(2), default=None, help=MAX_SEQ_LEN_HELP)
     run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
                      help="single-pass engine, or the two-round reference flow (slow, for comparison)")
     run.set_defaults(func=cmd_run, parser=run)
@@ -313,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_at_least(1), default=8, help="items per engine batch (and per write)")
     ev.add_argument("--limit", type=_at_least(1), default=None, help="only the first N items of DATA")
     ev.add_argument("--max-new-tokens", type=_at_least(1), default=64)
-    ev.add_argument("--max-seq-len", type=_at_least(2), default=4096, help="KV cache positions per request")
+    ev.add_argument("--max-seq-len", type=_at_least(2), default=None, help=MAX_SEQ_LEN_HELP)
     ev.add_argument("--retry-errors", action="store_true", help="ask again the items whose RESULTS rows are errors")
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; on Ray: "
                     "cuda in each worker that has a GPU)")
@@ -323,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run on Ray: alone, the cluster RAY_ADDRESS names or a new one on this machine; 'auto' for "
                          "the cluster this machine is in; or the head's address (needs vpt_fast[ray])")
     ev.add_argument("--workers", type=_at_least(1), default=1, help="Ray actors, one engine each")
-    ev.add_argument("--gpus-per-worker", type=_at_least(0, float), default=None, help="GPUs per actor (default 1)")
+    ev.add_argument("--gpus-per-worker", type=_at_least(0, float), default=None,
+                    help="GPUs per actor (default: 1 where the cluster has GPUs, else 0)")
     ev.set_defaults(func=cmd_eval, parser=ev)
     serve = sub.add_parser("serve", help="serve the OpenAI chat-completions protocol (needs vpt_fast[serve])")
     serve.add_argument("--model", help="a VPT or Qwen2-VL checkpoint folder (default: the tiny random demo one)")
@@ -336,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-pixels", type=_at_least(1), default=64_000_000)
     serve.add_argument("--max-queue", type=_at_least(1), default=1024, help="requests waiting before 429s")
     serve.add_argument("--max-batch-size", type=_at_least(1), default=32)
-    serve.add_argument("--max-seq-len", type=_at_least(2), default=4096)
+    serve.add_argument("--max-seq-len", type=_at_least(2), default=None, help=MAX_SEQ_LEN_HELP)
     serve.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")
     serve.add_argument("--default-max-tokens", type=_at_least(1), default=256,
                        help="the token limit of a round when a request gives none")
@@ -347,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="deploy on Ray Serve (needs vpt_fast[ray]): alone, the cluster RAY_ADDRESS names or a new "
                             "one on this machine; 'auto' for the cluster this machine is in; or the head's address")
     serve.add_argument("--replicas", type=_at_least(1), default=None, help="Ray Serve replicas (default 1)")
-    serve.add_argument("--gpus-per-replica", type=_at_least(0, float), default=None, help="GPUs per replica (default 1)")
+    serve.add_argument("--gpus-per-replica", type=_at_least(0, float), default=None,
+                       help="GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
     serve.add_argument("--max-replicas", type=_at_least(1), default=None,
                        help="autoscale between --replicas and this on ongoing requests per replica")
     serve.set_defaults(func=cmd_serve, parser=serve)

@@ -208,6 +208,13 @@ class QwenImageConfig:
         return self.patch_size * self.merge_size
 
     @classmethod
+    def from_vision_config(cls, vision_config) -> "QwenImageConfig":
+        """The processor settings a model's vision tower implies (patch, merge and temporal patch
+        sizes), the others at their defaults: for a model given without its image processor."""
+        return cls(patch_size=vision_config.patch_size, merge_size=vision_config.spatial_merge_size,
+                   temporal_patch_size=vision_config.temporal_patch_size)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "QwenImageConfig":
         """Read a Qwen2-VL ``preprocessor_config.json`` dict; missing keys keep their defaults.
 

@@ -78,6 +78,45 @@ class RayWorker:
         return {"row": [json.dumps(row, ensure_ascii=False) for row in rows], "worker": [self.where] * len(rows)}
 
 
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster cannot hold the actors asked for."""
+
+
+def actors_that_fit(nodes: list[dict[str, float]], gpus: float, cpus: float) -> int:
+    """How many actors of `gpus` GPUs and `cpus` CPUs each the nodes (each a dict of its total
+    resources, Ray's "GPU" and "CPU") hold at once; an actor lives on one node."""
+    fit = 0
+    for node in nodes:
+        counts = [int(node.get(name, 0.0) // need + 1e-9) for name, need in (("GPU", gpus), ("CPU", cpus)) if need > 0]
+        fit += min(counts) if counts else 10**9
+    return fit
+
+
+def plan_actors(what: str, count: int, gpus: float | None, cpus: float,
+                nodes: list[dict[str, float]] | None = None) -> float:
+    """The GPUs each of `count` actors gets, checked against the cluster before any starts.
+
+    gpus None: 1 where some node has a GPU, else 0 (CPU actors, said in one line). Raises
+    ClusterTooSmall at once, naming what was asked and what the cluster has, when the actors
+    cannot all be placed (rather than waiting for a start timeout). nodes: each alive node's
+    total resources (default: the connected cluster's)."""
+    if nodes is None:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    have_gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    if gpus is None:
+        if have_gpus == 0:
+            print(f"the Ray cluster has no GPU: {count} {what}(s) run on the CPU", flush=True)
+        gpus = 1.0 if have_gpus > 0 else 0.0
+    fit = actors_that_fit(nodes, gpus, cpus)
+    if fit < count:
+        layout = ", ".join(f"{n.get('GPU', 0.0):g} GPU/{n.get('CPU', 0.0):g} CPU" for n in nodes) or "no node"
+        raise ClusterTooSmall(f"{count} {what}(s) of {gpus:g} GPU(s) and {cpus:g} CPU(s) each were asked for; the Ray "
+                              f"cluster holds {fit} such: {len(nodes)} node(s) ({layout}), {have_gpus:g} GPU(s) in all")
+    return gpus
+
+
 def connect(address: str | None) -> None:
     """Join the Ray cluster at `address` ("auto": the one this machine belongs to; None: the
     one RAY_ADDRESS names, else a new one on this machine), unless this process already has."""
@@ -88,13 +127,15 @@ def connect(address: str | None) -> None:
 
 
 def evaluate_with_ray(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
-                      address: str | None = None, workers: int = 1, gpus_per_worker: float = 1.0,
+                      address: str | None = None, workers: int = 1, gpus_per_worker: float | None = None,
                       cpus_per_worker: float = 1.0, mode: str | None = None, batch_size: int = 8,
                       limit: int | None = None, max_new_tokens: int = 64, force: str | None = None,
                       retry_errors: bool = False, engine_options: dict[str, Any] | None = None,
                       device: str | None = None, dtype: str | None = None, ray_options: dict[str, Any] | None = None,
                       start_timeout: float = 600.0, progress: bool = True) -> Summary:
-    """`eval.evaluate` over `workers` Ray actors (gpus_per_worker GPUs each, 0 for none).
+    """`eval.evaluate` over `workers` Ray actors (gpus_per_worker GPUs each, 0 for none; None:
+    1 where the cluster has GPUs, else 0). A pool the cluster cannot hold raises
+    ClusterTooSmall before any actor starts (see `plan_actors`).
 
     engine_options: `Engine` arguments of every actor's engine; device / dtype: as
     `load_vpt_checkpoint` takes them (default: see `RayWorker`); ray_options: more Ray
@@ -108,13 +149,14 @@ def evaluate_with_ray(data: str | os.PathLike, out: str | os.PathLike, *, model:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if gpus_per_worker < 0 or cpus_per_worker < 0:
+    if (gpus_per_worker or 0) < 0 or cpus_per_worker < 0:
         raise ValueError(f"GPUs and CPUs per worker cannot be negative, got {gpus_per_worker} and {cpus_per_worker}")
     left = pending(data, out, limit, retry_errors)
     summary = Summary(skipped=left.done, repeated=left.repeated)
     if not left.items:
         return summary
     connect(address)
+    gpus_per_worker = plan_actors("worker", workers, gpus_per_worker, cpus_per_worker)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
@@ -201,14 +243,17 @@ def deployment(options: dict[str, Any], replicas: int = 1, gpus_per_replica: flo
 
 
 def serve_with_ray(options: dict[str, Any], *, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-                   replicas: int = 1, gpus_per_replica: float = 1.0, max_replicas: int | None = None,
+                   replicas: int = 1, gpus_per_replica: float | None = None, max_replicas: int | None = None,
                    cpus_per_replica: float = 1.0, ray_options: dict[str, Any] | None = None, blocking: bool = True) -> None:
     """Deploy the server on the Ray cluster at `address` (see `connect`) behind Serve's HTTP
-    proxy at host:port; with blocking, wait until interrupted, then delete the deployment."""
+    proxy at host:port; with blocking, wait until interrupted, then delete the deployment.
+    gpus_per_replica None: 1 where the cluster has GPUs, else 0; replicas the cluster cannot
+    hold raise ClusterTooSmall before anything is deployed."""
     from ray import serve
 
-    app = deployment(options, replicas, gpus_per_replica, max_replicas, cpus_per_replica, ray_options)
     connect(address)
+    gpus_per_replica = plan_actors("replica", replicas, gpus_per_replica, cpus_per_replica)
+    app = deployment(options, replicas, gpus_per_replica, max_replicas, cpus_per_replica, ray_options)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     if not blocking:

@@ -145,6 +145,7 @@ class AsyncEngine:
         self._handles: dict[int, RequestHandle] = {}
         self._waiting = 0  # the engine's waiting count after its last step
         self._closing = False
+        self._stopped = False  # the loop has returned
         self._thread = threading.Thread(target=self._loop, name="vpt_fast-engine", daemon=True)
         self._thread.start()
 
@@ -157,6 +158,7 @@ class AsyncEngine:
         at its bound, EngineClosed after shutdown, TypeError for params that are not
         SamplingParams. An unusable image or prompt finishes the request with reason "error",
         or, with strict=True, raises RequestRejected before anything is queued."""
+        self.engine.check_alive()
         if self._closing:
             raise EngineClosed("the engine is shutting down: it takes no new requests")
         with self._cond:
@@ -167,6 +169,7 @@ class AsyncEngine:
             raise RequestRejected(request.finish_reason, request.error)
         handle = RequestHandle(self, request.id)
         with self._cond:
+            self.engine.check_alive()
             if self._closing:
                 raise EngineClosed("the engine is shutting down: it takes no new requests")
             if len(self._inbox) + self._waiting >= self.max_queue:
@@ -215,8 +218,20 @@ class AsyncEngine:
 
     @property
     def accepting(self) -> bool:
-        """Whether `submit` takes requests (the loop runs and no shutdown has begun)."""
-        return not self._closing and self._thread.is_alive()
+        """Whether `submit` takes requests (the loop runs, no shutdown has begun, the engine lives)."""
+        return not self._closing and self._thread.is_alive() and self.engine.dead is None
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine cannot serve any more (a device failure), or None while it can."""
+        return self.engine.dead
+
+    def wait_dead(self, timeout: float | None = None) -> str | None:
+        """Block until the engine dies or the loop stops (`timeout` seconds at most); the reason,
+        or None. A server's supervisor thread waits here to exit the process."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.engine.dead is not None or self._stopped, timeout)
+            return self.engine.dead
 
     def shutdown(self, abort: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests; let those in flight finish (or abort them with abort=True, or
@@ -242,14 +257,35 @@ class AsyncEngine:
     # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             with self._cond:
-                while not (self._inbox or self._aborts or engine.has_unfinished() or self._closing):
+                while not (self._inbox or self._aborts or engine.has_unfinished() or self._closing
+                           or engine.dead is not None):
                     self._cond.wait()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
                 self._waiting += len(inbox)  # in transit to the engine's queue: still counted against max_queue
+                if engine.dead is not None:  # nothing will run again: end whatever is still queued
+                    self._closing = True
+                    self._cond.notify_all()
+                    lost = [r.id for r in inbox] + list(self._handles)
+                    events = [FinishEvent(rid, GenerationResult([], [], [], "", "error", error=f"engine failure: "
+                                                                f"{engine.dead}")) for rid in dict.fromkeys(lost)]
+                    handles, self._handles = self._handles, {}
+                    for event in events:
+                        handle = handles.get(event.request)
+                        if handle is not None and not handle.finished:
+                            handle._push(event)
+                    return
                 if self._closing and not inbox and not engine.has_unfinished() and not self._handles:
                     return
             try:
@@ -260,8 +296,8 @@ class AsyncEngine:
                         engine._abort(request_id)
                     events = engine._step() if engine.has_unfinished() else []
                     waiting = engine.num_waiting
-            except Exception as e:  # a failed step: every request in flight ends with the reason, the loop goes on
-                logger.exception("vpt_fast engine step failed")
+            except Exception as e:  # outside a step (which ends its own requests): end everything, go on
+                logger.exception("vpt_fast engine loop failed")
                 with engine._one_call():
                     lost = engine._drop_all()
                 events = [FinishEvent(rid, GenerationResult([], [], [], "", "error", error=f"engine failure: {e}"))
@@ -277,3 +313,7 @@ class AsyncEngine:
                 handle = handles.get(event.request)
                 if handle is not None:
                     handle._push(event)
+            if engine.dead is not None:
+                logger.error("vpt_fast engine is dead: %s", engine.dead)
+                with self._cond:
+                    self._cond.notify_all()  # the loop's next turn ends what is left

@@ -9,6 +9,8 @@ captured once per bucket and replayed. On the CPU the same code runs uncaptured.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .cache import PagedKVCache
@@ -41,6 +43,38 @@ class DecodeStep:
         self.vocab = runner.lm_head.weight.shape[0]
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None  # one memory pool for every bucket's graph: they never run at once
+        self.captures = 0  # graphs captured so far
+
+    def capture(self, max_batch_size: int) -> tuple[tuple[int, ...], float, int]:
+        """Capture the graph of every bucket a batch of up to `max_batch_size` requests uses, the
+        largest first (the smaller ones then fit in its pool), so that serving never stops to
+        capture. Returns (buckets, seconds, bytes of device memory the graphs and their buffers
+        took)."""
+        if not self.use_graphs:
+            raise RuntimeError("capture needs a DecodeStep built with use_graphs=True")
+        device = self.runner.device
+        buckets = tuple(b for b in BUCKETS if b <= self.bucket(max_batch_size))
+        torch.cuda.synchronize(device)
+        before, start = torch.cuda.memory_reserved(device), time.perf_counter()
+        for n in reversed(buckets):
+            self._graph(self._buffer(n), n)
+        torch.cuda.synchronize(device)
+        return buckets, time.perf_counter() - start, torch.cuda.memory_reserved(device) - before
+
+    def _buffer(self, n: int) -> _Buffers:
+        buf = self._buffers.get(n)
+        if buf is None:
+            buf = self._buffers[n] = _Buffers(n, self.max_blocks, self.runner.hidden_size, self.vocab, self.runner.dtype,
+                                              self.runner.device)
+        return buf
+
+    def _graph(self, buf: _Buffers, n: int):
+        graph = self._graphs.get(n)
+        if graph is None:
+            graph = self._graphs[n] = self._capture(buf)
+            self.captures += 1
+        return graph
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -68,8 +102,10 @@ class DecodeStep:
             for _ in range(2):  # compiles kernels and settles allocations outside the graph
                 self._body(buf)
         torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             self._body(buf)
         return graph
 
@@ -89,10 +125,7 @@ class DecodeStep:
         Returns (logits (B, vocab) float32, final hidden states (B, H)), fresh tensors."""
         B = len(tokens)
         n = self.bucket(B)
-        buf = self._buffers.get(n)
-        if buf is None:
-            buf = self._buffers[n] = _Buffers(n, self.max_blocks, self.runner.hidden_size, self.vocab, self.runner.dtype,
-                                              self.runner.device)
+        buf = self._buffer(n)
         pad = n - B
         tables = [row + [0] * (self.max_blocks - len(row)) for row in block_tables] + [[0] * self.max_blocks] * pad
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slot_mapping + [-1] * pad, seq_lens + [1] * pad,
@@ -101,11 +134,7 @@ class DecodeStep:
         for b, o in enumerate(overrides):
             if o is not None:
                 buf.override[b].copy_(o)
-        graph = None
-        if self.use_graphs:
-            graph = self._graphs.get(n)
-            if graph is None:
-                graph = self._graphs[n] = self._capture(buf)
+        graph = self._graph(buf, n) if self.use_graphs else None
         buf.packed.copy_(host.to(self.runner.device, non_blocking=True))
         if graph is not None:
             graph.replay()

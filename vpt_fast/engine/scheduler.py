@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -39,6 +40,7 @@ import torch
 
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import mrope_positions, set_backend
+from ..ops._registry import device_guard
 from ..prompt import body_of, first_turn, special_token_pattern
 from ..sampling import SamplingParams, check_batch, check_forced, penalize_repetition, sample
 from .cache import PagedKVCache
@@ -47,6 +49,32 @@ from .runner import Runner
 from .segments import SegmentRunner
 from .splice import Splicer
 from .state import Event, FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, Request, Status, TokenEvent
+
+
+DEFAULT_MAX_SEQ_LEN = 4096
+logger = logging.getLogger("vpt_fast.engine")
+
+
+class EngineDead(RuntimeError):
+    """A device failure left the engine unusable: it takes no request (rebuild it, or restart
+    the process; a CUDA error poisons the process's context)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphCapture:
+    """What capturing the decode graphs at engine build took."""
+
+    buckets: tuple[int, ...]  # the batch sizes captured
+    seconds: float
+    bytes: int  # device memory the graphs reserved
+
+
+def _is_device_error(error: BaseException) -> bool:
+    """Whether `error` came from the device itself (a CUDA error that poisons the context), as
+    opposed to a bug or bad data in one step."""
+    if isinstance(error, getattr(torch, "AcceleratorError", ())) and not isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error" in str(error)
 
 
 class Engine:
@@ -59,12 +87,17 @@ class Engine:
     RuntimeError.
     """
 
-    def __init__(self, bundle: VPTBundle, max_seq_len: int = 4096, max_batch_size: int = 32,
+    def __init__(self, bundle: VPTBundle, max_seq_len: int | None = None, max_batch_size: int = 32,
                  cuda_graphs: bool | None = None, image_pipeline: str = "pil", kv_cache_tokens: int | None = None,
-                 kv_cache_gib: float | None = None, block_size: int = 16, backend: str | dict[str, str] | None = None):
-        """max_seq_len: the most tokens one request's sequence may hold; max_batch_size: the
-        most requests running at once (decoded together); cuda_graphs: capture decode steps
-        (default: on when the model is on a CUDA device); image_pipeline: "pil" resizes
+                 kv_cache_gib: float | None = None, block_size: int = 16, backend: str | dict[str, str] | None = None,
+                 capture_graphs: str = "eager"):
+        """max_seq_len: the most tokens one request's sequence may hold (default: 4096, or the
+        model's max_position_embeddings when smaller); max_batch_size: the most requests running
+        at once (decoded together); cuda_graphs: capture decode steps as CUDA graphs (default:
+        on when the model is on a CUDA device); capture_graphs: "eager" captures the graph of
+        every batch-size bucket up to max_batch_size here, after the KV cache is allocated
+        (`graph_capture` says what it took), "lazy" at the first step of each bucket (a pause
+        for whoever runs then); image_pipeline: "pil" resizes
         images with PIL on the host exactly as the two-round flow does, "device" uploads
         each original image once and makes every crop's patches with `ops.crop_patch_embed`
         on the model's device (within two 8-bit levels of PIL's resampling, so greedy tokens
@@ -75,8 +108,13 @@ class Engine:
         "kv_splice=ext,decode_attention=triton"); default: VPT_FAST_BACKEND, else automatic."""
         if image_pipeline not in ("pil", "device"):
             raise ValueError(f"image_pipeline must be 'pil' or 'device', got {image_pipeline!r}")
+        if capture_graphs not in ("eager", "lazy"):
+            raise ValueError(f"capture_graphs must be 'eager' or 'lazy', got {capture_graphs!r}")
         if backend is not None:
             set_backend(backend)
+        text = bundle.model.config.text_config
+        if max_seq_len is None:
+            max_seq_len = min(DEFAULT_MAX_SEQ_LEN, text.max_position_embeddings)
         for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1),
                                  ("block_size", block_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -90,7 +128,6 @@ class Engine:
             resolve_dtype(self.runner.dtype)
         except ValueError as e:
             raise ValueError(f"the model cannot run here: {e}") from None
-        text = bundle.model.config.text_config
         if max_seq_len > text.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} is above the model's max_position_embeddings "
                              f"{text.max_position_embeddings}")
@@ -102,10 +139,16 @@ class Engine:
         head_dim = text.hidden_size // text.num_attention_heads
         tokens = _cache_tokens(kv_cache_tokens, kv_cache_gib, max_seq_len, max_batch_size,
                                2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * self.runner.dtype.itemsize)
-        self.cache = PagedKVCache(text.num_hidden_layers, -(-tokens // block_size) + 1, block_size,
-                                  text.num_key_value_heads, head_dim, self.runner.dtype, self.device)
-        self.limit = min(max_seq_len, self.cache.capacity)  # the most tokens one sequence can hold
-        self._decoder = DecodeStep(self.runner, self.cache, self.cache.blocks_for(self.limit), self.cuda_graphs)
+        self.graph_capture: GraphCapture | None = None  # what the eager capture took
+        with device_guard(self.device):
+            self.cache = PagedKVCache(text.num_hidden_layers, -(-tokens // block_size) + 1, block_size,
+                                      text.num_key_value_heads, head_dim, self.runner.dtype, self.device)
+            self.limit = min(max_seq_len, self.cache.capacity)  # the most tokens one sequence can hold
+            self._decoder = DecodeStep(self.runner, self.cache, self.cache.blocks_for(self.limit), self.cuda_graphs)
+            if self.cuda_graphs and capture_graphs == "eager":
+                self.graph_capture = GraphCapture(*self._decoder.capture(max_batch_size))
+                logger.info("captured decode graphs for batch sizes %s in %.2f s (%.1f MiB)",
+                            self.graph_capture.buckets, self.graph_capture.seconds, self.graph_capture.bytes / 2**20)
         self._segments = SegmentRunner(bundle, self.runner, self.cache, image_pipeline)
         self._splicer = Splicer(bundle, self.cache, max_seq_len)
         self.two_pass = bundle.vpt_config.two_pass
@@ -119,6 +162,8 @@ class Engine:
         self._requests: dict[int, Request] = {}  # every request not yet reported finished
         self._ids = itertools.count()
         self.num_preemptions = 0  # requests preempted so far (and recomputed later)
+        self.dead: str | None = None  # why the engine cannot serve any more (a device failure)
+        self._failed_steps = 0  # consecutive steps that raised
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the engine for a call
 
@@ -278,13 +323,15 @@ class Engine:
         with self._lock:
             self._owner = me
             try:
-                yield
+                with device_guard(self.device):
+                    yield
             finally:
                 self._owner = None
 
     # ------------------------------------------------------------------ requests
 
     def _add(self, image, prompt, params, forced_tokens, name: str | None = None) -> int:
+        self.check_alive()
         r = self._prepare(image, prompt, params, forced_tokens, name)
         self._enqueue(r)
         return r.id
@@ -374,12 +421,47 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
 
+    def check_alive(self) -> None:
+        """Raise EngineDead when a device failure has left the engine unusable."""
+        if self.dead is not None:
+            raise EngineDead(f"the engine is dead and takes no requests: {self.dead}")
+
     def _step(self) -> list[Event]:
+        """One iteration. An exception inside it ends every running request (all the step may
+        have touched) with "error"; a device error, or a second failed step in a row, also marks
+        the engine dead (`dead` says why) and ends the waiting requests too."""
         events: list[Event] = []
-        self._prefill(events)
-        self._decode(events)
+        try:
+            self._prefill(events)
+            self._decode(events)
+        except Exception as e:
+            logger.exception("vpt_fast engine step failed")
+            self._failed_steps += 1
+            self._fail(e, events)
+        else:
+            self._failed_steps = 0
         self._retire(events)
         return events
+
+    def _fail(self, error: Exception, events: list[Event]) -> None:
+        """After a step raised: its events are dropped (their requests end here), running
+        requests end with "error"; when the failure leaves the engine unusable, everything."""
+        what = f"{type(error).__name__}: {error}"
+        if _is_device_error(error):
+            self.dead = f"device failure ({what})"
+        elif self._failed_steps >= 2:
+            self.dead = f"{self._failed_steps} steps in a row failed, the last with {what}"
+        events.clear()
+        ended = list(self._running) + (list(self._waiting) if self.dead is not None else [])
+        for r in ended:
+            if not r.finished:
+                r.finish("error", f"engine failure: {what}")
+            self._release(r)
+            r.logits = None
+        self._running.clear()
+        if self.dead is not None:
+            self._waiting.clear()
+        self._done.extend(ended)
 
     def _prefill(self, events: list[Event]) -> None:
         jobs = [r for r in list(self._running) if r.pending and r.status is Status.RUNNING and self._reserve(r, len(r.ids))]

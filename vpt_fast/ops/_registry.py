@@ -15,8 +15,10 @@ synchronisation, nothing torch.compile has to trace.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import os
 from typing import Callable
@@ -220,20 +222,52 @@ def define(name: str, *, mutates_args: tuple[str, ...] = (), fake: Callable):
     def wrap(fn: Callable):
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-        op = torch.library.triton_op(f"vpt_fast::{name}", fn, mutates_args=mutates_args)
+        body = _on_tensor_device(fn)
+        if _triton_import_error() is not None:  # no Triton kernel to trace: a plain custom op
+            op = torch.library.custom_op(f"vpt_fast::{name}", body, mutates_args=mutates_args)
+            op.register_fake(fake)
+            return op
+        op = torch.library.triton_op(f"vpt_fast::{name}", body, mutates_args=mutates_args)
         op.register_fake(fake)
 
         def functional(mode, func, types, args, kwargs):
             device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
             if backend(name, device) == "triton" and not _export_keeps_triton_ops():
                 with mode:
-                    return fn(*args, **kwargs)
+                    return body(*args, **kwargs)
             return mode.__torch_dispatch__(func, types, args, kwargs)
 
         op.register_torch_dispatch(FunctionalTensorMode, functional)
         return op
 
     return wrap
+
+
+def device_guard(device: torch.device | str):
+    """A context in which `device` is the current CUDA device (`torch.cuda.device`); nothing for
+    other devices. Triton launches, CUDA streams and graph capture act on the current device,
+    which is per thread and is cuda:0 unless set: every call on a model placed on cuda:N runs
+    under this."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _on_tensor_device(fn: Callable) -> Callable:
+    """`fn` run under `device_guard` of its first tensor argument's device (signature kept, for
+    the op schema)."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type != "cuda" or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with device_guard(device):
+            return fn(*args, **kwargs)
+
+    guarded.__signature__ = inspect.signature(fn, eval_str=True)  # annotations resolved in fn's module
+    return guarded
 
 
 def _export_keeps_triton_ops() -> bool:

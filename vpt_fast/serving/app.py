@@ -5,7 +5,7 @@ GET /metrics (Prometheus text); with `ServeConfig.replica_id`, every response na
 replica in an `x-vpt-fast-replica` header. Errors are OpenAI-style JSON bodies: 400 for an unreadable
 image, a bad message or an out-of-range parameter, 401 for a wrong or missing key, 404 for
 another model name, 413 for an image over the byte or pixel limit, 429 when the waiting
-queue is full, 503 while shutting down. A client that goes away aborts its request.
+queue is full, 503 while shutting down or once the engine is dead (a device failure). A client that goes away aborts its request.
 
 Streams carry the text as it is generated: for a VPT model, whatever it writes before
 asking for a perception (usually nothing: its requests are special tokens) comes first, then
@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import from_messages
-from ..engine import AsyncEngine, EngineClosed, FinishEvent, PerceptionEvent, QueueFull, RequestRejected, TokenEvent
+from ..engine import AsyncEngine, EngineClosed, EngineDead, FinishEvent, PerceptionEvent, QueueFull, RequestRejected, TokenEvent
 from ..media import MediaError, MediaPolicy
 from ..prompt import encode
 from .metrics import ServerMetrics
@@ -122,6 +122,8 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
 
     @app.get("/health")
     async def health():
+        if engine.dead is not None:
+            return _error(503, f"the engine is dead: {engine.dead}")
         if not engine.accepting:
             return _error(503, "the server is shutting down")
         return {"status": "ok"}
@@ -169,7 +171,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             raise HTTPError(400, str(e), "messages") from None
         except QueueFull as e:
             raise HTTPError(429, str(e)) from None
-        except EngineClosed as e:
+        except (EngineClosed, EngineDead) as e:
             raise HTTPError(503, str(e)) from None
 
     async def respond(handle, completion: Completion, request: Request, arrival: float):
