@@ -30,6 +30,7 @@ PEAK = 4.0  # query and key projections scaled by this: attention logits x16
 SENTENCE = "A man is riding a bicycle on a street next to a tall building with many windows. "
 LONG_PROMPT = "<image>\n" + SENTENCE * 60  # about 1,300 text tokens with the tiny tokenizer, plus the image
 DTYPES = [torch.bfloat16, torch.float16]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _peaked_copy(src: Path, dst: Path) -> Path:
@@ -61,18 +62,19 @@ def peaked(tmp_path_factory, tiny_ckpt):
 
 
 @torch.no_grad()
-def _hf_logits(hf_folder: Path, dtype: torch.dtype, bundle, sequence: list[int], images: list, steps: int) -> torch.Tensor:
-    """transformers' logits (float32) at the last `steps` prediction positions of `sequence`
-    (the positions that predicted its last `steps` tokens), images given as PIL pictures in
-    the order of their `<|image_pad|>` runs."""
-    model = Qwen2VLForConditionalGeneration.from_pretrained(hf_folder, dtype=dtype).eval()
+def _hf_logits(hf_folder: Path, dtype: torch.dtype, bundle, sequence: list[int], images: list, steps: int,
+               device: str = "cpu") -> torch.Tensor:
+    """transformers' logits (float32, on the CPU) at the last `steps` prediction positions of
+    `sequence` (the positions that predicted its last `steps` tokens), images given as PIL
+    pictures in the order of their `<|image_pad|>` runs."""
+    model = Qwen2VLForConditionalGeneration.from_pretrained(hf_folder, dtype=dtype).to(device).eval()
     pixels, grid = bundle.processor.qwen_inputs(images)
     ids = torch.tensor([sequence])
     pads = ids == bundle.vocab.image_pad
     assert int(pads.sum()) == int(grid.prod(-1).sum()) // 4, "the sequence's image pads do not match its images"
-    out = model(input_ids=ids, pixel_values=pixels.to(dtype), image_grid_thw=grid, mm_token_type_ids=pads.int(),
-                attention_mask=torch.ones_like(ids)).logits[0].float()
-    return out[len(sequence) - 1 - steps: len(sequence) - 1]
+    out = model(input_ids=ids.to(device), pixel_values=pixels.to(device, dtype), image_grid_thw=grid.to(device),
+                mm_token_type_ids=pads.int().to(device), attention_mask=torch.ones_like(ids).to(device)).logits[0]
+    return out[len(sequence) - 1 - steps: len(sequence) - 1].float().cpu()
 
 
 def _worst(got: torch.Tensor, truth: torch.Tensor) -> float:
@@ -93,11 +95,12 @@ def _forced_text(bundle, n: int = 8) -> list[int]:
     return ids[:n]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_engine_prefill_and_decode_match_transformers_precision(peaked, dtype):
+def test_engine_prefill_and_decode_match_transformers_precision(peaked, dtype, device):
     folder, hf = peaked("plain")
     image = rand_image(400, 300, seed=1)
-    engine = vpt_fast.from_pretrained(folder, dtype=dtype, max_seq_len=4096)
+    engine = vpt_fast.from_pretrained(folder, dtype=dtype, device=device, max_seq_len=4096)
     forced = _forced_text(engine.bundle)
     (r,) = engine.generate([image], [LONG_PROMPT], max_new_tokens=len(forced), forced_tokens=[forced],
                            return_logits=True)
@@ -105,8 +108,8 @@ def test_engine_prefill_and_decode_match_transformers_precision(peaked, dtype):
     pictures = [engine.bundle.processor.prepare(image)]
     steps = len(r.logits)
     truth = _hf_logits(hf, torch.float32, engine.bundle, r.sequence_ids, pictures, steps)
-    theirs = _hf_logits(hf, dtype, engine.bundle, r.sequence_ids, pictures, steps)
-    _check(f"engine {dtype}", torch.stack(r.logits), theirs, truth)
+    theirs = _hf_logits(hf, dtype, engine.bundle, r.sequence_ids, pictures, steps, device)
+    _check(f"engine {dtype} on {device}", torch.stack(r.logits).cpu(), theirs, truth)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -124,18 +127,19 @@ def test_reference_matches_transformers_precision(peaked, dtype):
     _check(f"reference {dtype}", torch.stack(r.round1_logits), theirs, truth)
 
 
-@pytest.mark.parametrize("pipeline", ["engine", "reference"])
+@pytest.mark.parametrize("pipeline", ["engine", "reference", pytest.param("engine-cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_region_perception_matches_transformers_precision(peaked, pipeline, dtype):
     """The answer after a spliced crop (engine) or a second round (reference), read by
     transformers as the whole final conversation with both images."""
     folder, hf = peaked("region")
     image = rand_image(400, 300, seed=3)
-    bundle = load_vpt_checkpoint(folder, dtype=dtype)
+    device = "cuda" if pipeline.endswith("cuda") else "cpu"
+    bundle = load_vpt_checkpoint(folder, dtype=dtype, device=device)
     tok = bundle.tokenizer
     forced = tok("<|region_token_start|><|x_2|><|x_4|><|y_1|><|y_5|><|region_token_end|><|im_end|>",
                  add_special_tokens=False)["input_ids"]
-    if pipeline == "engine":
+    if pipeline.startswith("engine"):
         engine = vpt_fast.Engine(bundle, max_seq_len=4096)
         (r,) = engine.generate([image], [LONG_PROMPT], max_new_tokens=len(forced), answer_max_new_tokens=6,
                                forced_tokens=[forced], return_logits=True)
@@ -152,5 +156,5 @@ def test_region_perception_matches_transformers_precision(peaked, pipeline, dtyp
     assert sequence[-len(answer):] == answer
     pictures = [bundle.processor.prepare(image), bundle.processor.prepare_crop(image, box)]
     truth = _hf_logits(hf, torch.float32, bundle, sequence, pictures, len(answer))
-    theirs = _hf_logits(hf, dtype, bundle, sequence, pictures, len(answer))
-    _check(f"{pipeline} region answer {dtype}", torch.stack(logits), theirs, truth)
+    theirs = _hf_logits(hf, dtype, bundle, sequence, pictures, len(answer), device)
+    _check(f"{pipeline} region answer {dtype}", torch.stack(logits).cpu(), theirs, truth)
