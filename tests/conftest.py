@@ -49,3 +49,27 @@ def tiny_bundle(tiny_ckpt):
         return cache[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def served(tiny_bundle, tmp_path_factory):
+    """The session's server (`serving_cases.Served`): the tiny clip model behind the API key,
+    /metrics protected, file:// URLs allowed inside a folder of its own, small image limits."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from serving_cases import KEY, MODEL, Served, start_server
+
+    from vpt_fast.engine import AsyncEngine, Engine
+    from vpt_fast.media import MediaPolicy
+    from vpt_fast.serving.app import ServeConfig, build_app
+
+    media = tmp_path_factory.mktemp("media")
+    engine = AsyncEngine(Engine(tiny_bundle("clip")), max_queue=64)
+    config = ServeConfig(model_name=MODEL, api_key=KEY, protect_metrics=True,
+                         media=MediaPolicy(max_image_bytes=2 * 2**20, max_image_pixels=10_000_000,
+                                           allowed_local_media_path=str(media)))
+    server, thread, port = start_server(build_app(engine, config))
+    yield Served(f"http://127.0.0.1:{port}", port, engine, media)
+    server.should_exit = True
+    thread.join(timeout=30)
+    assert not engine.accepting  # the app's shutdown stopped the engine

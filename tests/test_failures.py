@@ -155,7 +155,50 @@ def test_serve_exits_1_when_the_engine_dies(tiny_bundle, monkeypatch):
     killer = threading.Timer(1.0, lambda: engine.submit(None, "Hi", PARAMS))
     killer.start()
     try:
-        assert server.serve(SimpleNamespace(host="127.0.0.1", port=0)) == 1
+        args = SimpleNamespace(host="127.0.0.1", port=0, max_connections=8, header_timeout=5.0)
+        assert server.serve(args) == 1
     finally:
         killer.cancel()
         engine.shutdown(timeout=10)
+
+
+class PoisonRow:
+    """Wraps an engine's decode step: on call `when`, the logits of the row of `token` become NaN
+    (one request's numbers going bad, as an overflow would make them)."""
+
+    def __init__(self, step, when: int, row: int):
+        self.step, self.when, self.row, self.calls = step, when, row, 0
+
+    def __call__(self, *args):
+        logits, hidden = self.step(*args)
+        self.calls += 1
+        if self.calls == self.when:
+            logits[self.row] = float("nan")
+        return logits, hidden
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_non_finite_logits_end_that_request_alone(tiny_bundle, sampled):
+    params = SamplingParams(max_new_tokens=6, do_sample=sampled, temperature=0.8, seed=3)
+    images = [rand_image(40, 40, i) for i in range(3)]
+    alone = Engine(tiny_bundle("region")).generate(images, ["Q?"] * 3, max_new_tokens=6, do_sample=sampled,
+                                                   temperature=0.8, seed=3)
+    engine = Engine(tiny_bundle("region"))
+    engine._decoder = PoisonRow(engine._decoder, when=2, row=1)
+    ids = [engine.add_request(image, "Q?", params) for image in images]
+    results = drive(engine)
+    bad = results[ids[1]]
+    assert bad.finish_reason == "error"
+    assert bad.error == f"request {ids[1]}: the model's logits hold NaN or infinite values; the request cannot go on"
+    for i in (0, 2):
+        assert results[ids[i]].token_ids == alone[i].token_ids  # the others as if nothing happened
+    assert engine.dead is None and engine.kv_blocks_used == 0
+
+
+def test_a_tiny_temperature_is_raised_as_vllm_does():
+    with pytest.warns(UserWarning, match=r"temperature 1e-300 is below 0.01: raised to 0.01"):
+        params = SamplingParams(do_sample=True, temperature=1e-300)
+    assert params.temperature == 0.01
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed must be an int in"):
+            SamplingParams(seed=seed)

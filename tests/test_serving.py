@@ -6,77 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
-import re
-import socket
-import struct
 import threading
 import time
-import zlib
 
 import httpx
 import pytest
+from serving_cases import KEY, MODEL, bomb_png, data_url, messages, metric, post
 from vpt_cases import action, assert_same_result, rand_image, region, toks
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-import uvicorn  # noqa: E402
 
 from vpt_fast import SamplingParams  # noqa: E402
 from vpt_fast.engine import AsyncEngine, Engine  # noqa: E402
 from vpt_fast.serving.app import ServeConfig, build_app  # noqa: E402
-from vpt_fast.media import MediaPolicy  # noqa: E402
-
-KEY = "test-key"
-MODEL = "tiny-clip"
-
-
-def data_url(image, fmt="PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    idat = b"IDAT" + zlib.compress(b"\x00" * 16)
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-            + struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat))
-            + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_bundle):
-    """(base URL, AsyncEngine) of a server running in a thread of this process."""
-    engine = AsyncEngine(Engine(tiny_bundle("clip")), max_queue=64)
-    config = ServeConfig(model_name=MODEL, api_key=KEY, media=MediaPolicy(max_image_bytes=2 * 2**20,
-                                                                        max_image_pixels=10_000_000))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=30)
-    assert not engine.accepting  # the app's shutdown stopped the engine
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=f"{served[0]}/v1", api_key=KEY, max_retries=0)
-
-
-def messages(image, text="What is on the left?"):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
-                                         {"type": "text", "text": text}]}]
+    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key=KEY, max_retries=0)
 
 
 def alone(bundle, image, text, script, max_tokens=8):
@@ -118,15 +67,8 @@ def test_the_openai_client_gets_the_engines_answer(tiny_bundle, client, kind, sc
     assert chunks[-1].usage.completion_tokens == len(want.token_ids) and not chunks[-1].choices
 
 
-def metric(base_url: str, name: str, labels: str = "") -> float:
-    body = httpx.get(f"{base_url}/metrics").text
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
-    found = re.search(pattern, body)
-    return float(found.group(1)) if found else 0.0
-
-
 def test_sixteen_concurrent_clients(tiny_bundle, served, client):
-    base_url, engine = served
+    base_url, engine = served.base_url, served.engine
     bundle = tiny_bundle("clip")
     jobs = [(rand_image(60 + 5 * i, 50 + 3 * i, 100 + i), f"Question {i}?", CASES[i % 3][1]) for i in range(16)]
     want = [alone(bundle, image, text, script) for image, text, script in jobs]
@@ -154,15 +96,10 @@ def test_sixteen_concurrent_clients(tiny_bundle, served, client):
     assert metric(base_url, "vpt_fast_kv_blocks_used") == 0 and engine.engine.kv_blocks_used == 0
 
 
-def post(base_url, body, key=KEY, **kw):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
-
-
 def error_cases():
     image = rand_image(40, 40)
     ok = messages(image)
-    big = base64.b64encode(bytes(3 * 2**20)).decode()
+    big = base64.b64encode(bytes(5 * 2**19)).decode()  # 2.5 MiB: over the image limit, not the request limit
     return {
         "unreadable image": (400, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}},
@@ -171,8 +108,9 @@ def error_cases():
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, "not valid base64"),
         "a web URL": (400, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, "scheme 'https' is not accepted"),
-        "a file URL": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, "file:// image URLs are not accepted"),
+        "a file URL outside the folder": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+            "the file URL 'file:///etc/passwd' does not name a file under the allowed local media path"),
         "content of a number": (400, {"messages": [{"role": "user", "content": 5}]}, "messages"),
         "no messages": (400, {"messages": []}, "messages"),
         "last message not the user's": (400, {"messages": [{"role": "user", "content": "a"},
@@ -198,7 +136,7 @@ def error_cases():
 
 @pytest.mark.parametrize("case", list(error_cases()))
 def test_errors_are_openai_json(served, case):
-    base_url, _ = served
+    base_url = served.base_url
     status, body, message = error_cases()[case]
     reply = post(base_url, body)
     assert reply.status_code == status, reply.text
@@ -209,7 +147,7 @@ def test_errors_are_openai_json(served, case):
 
 
 def test_the_api_key_is_required(served):
-    base_url, _ = served
+    base_url = served.base_url
     body = {"messages": messages(rand_image(30, 30)), "max_tokens": 2}
     for key in (None, "wrong"):
         reply = post(base_url, body, key=key)
@@ -221,7 +159,7 @@ def test_the_api_key_is_required(served):
 
 
 def test_a_client_leaving_mid_stream_aborts_its_request(served):
-    base_url, engine = served
+    base_url, engine = served.base_url, served.engine
     aborted = metric(base_url, "vpt_fast_requests_total", 'finish_reason="abort"')
     body = {"messages": messages(rand_image(50, 50)), "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body,

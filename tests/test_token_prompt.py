@@ -89,3 +89,37 @@ def test_repetition_penalty_is_transformers_rule():
     for penalty in (1.3, 0.8):
         want = RepetitionPenaltyLogitsProcessor(penalty)(seen[None], scores.clone())[0]
         assert torch.equal(penalize_repetition(scores[0].clone(), seen, penalty), want)
+
+
+def test_encode_equals_the_tokenizer_and_threads_may_share_it(tiny_bundle):
+    """prompt.encode goes through a private copy of the tokenizer's backend (any number of
+    threads at once, Python's lock released): the ids are transformers' own, special-token text
+    included, and threads encoding together get what each gets alone."""
+    import random
+    import threading
+
+    from transformers import AutoTokenizer
+
+    bundle = tiny_bundle("region")
+    tok = bundle.tokenizer
+    rng = random.Random(0)
+    pieces = ["Hello", " world", "é", "😀", "\n", "  ", "<|im_end|>", "<|x_3|>", "<|image_pad|>", "region", "1234",
+              "<|im_start|>user\n", "\t", "ß", "漢字"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    for text in texts:
+        assert encode(tok, text) == tok(text, add_special_tokens=False)["input_ids"], text
+    fresh = AutoTokenizer.from_pretrained(bundle.path, local_files_only=True)  # a tokenizer not yet seen
+    assert encode(fresh, texts[5]) == fresh(texts[5], add_special_tokens=False)["input_ids"]
+    want = [encode(tok, t * 50) for t in texts[:16]]
+    got = [None] * 16
+
+    def work(i):
+        for _ in range(5):
+            got[i] = encode(tok, texts[i] * 50)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want

@@ -346,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-bytes", type=_at_least(1), default=20 * 2**20)
     serve.add_argument("--max-image-pixels", type=_at_least(1), default=64_000_000)
     serve.add_argument("--max-queue", type=_at_least(1), default=1024, help="requests waiting before 429s")
+    serve.add_argument("--max-request-bytes", type=_at_least(1), default=None,
+                       help="a request body over it is refused with 413 while it is read (default: the image byte "
+                            "limit as base64, plus 1 MiB)")
+    serve.add_argument("--max-connections", type=_at_least(1), default=1024,
+                       help="open connections at once; past it uvicorn answers 503")
+    serve.add_argument("--header-timeout", type=_at_least(0.1, float), default=10.0,
+                       help="seconds a connection has to send a request's line and headers")
+    serve.add_argument("--protect-metrics", action="store_true", help="put /metrics behind the API key too")
     serve.add_argument("--max-batch-size", type=_at_least(1), default=32)
     serve.add_argument("--max-seq-len", type=_at_least(2), default=None, help=MAX_SEQ_LEN_HELP)
     serve.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")

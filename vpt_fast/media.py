@@ -18,6 +18,14 @@ from PIL import Image, UnidentifiedImageError
 
 from .preprocess import load_image
 
+SHOWN_URL_CHARS = 120  # how much of a client's URL an error message repeats
+
+
+def _shown(url: str) -> str:
+    """The URL as the client sent it, for a message: repr'd, cut at SHOWN_URL_CHARS."""
+    return repr(url if len(url) <= SHOWN_URL_CHARS else url[:SHOWN_URL_CHARS] + "...")
+
+
 DATA_URL = re.compile(r"data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.+-]+)*?);base64,(?P<data>.*)", re.S)
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 
@@ -62,17 +70,30 @@ class MediaPolicy:
             raise MediaError(f"the data: URL is not valid base64 ({e})") from None
 
     def _file(self, url: str) -> Image.Image:
+        """A file:// URL inside the allowed folder. Whatever is wrong with it (missing, outside the
+        folder, not a regular file, a NUL, an over-long name, a symlink loop) gets one message
+        naming the URL as sent: nothing about what it resolved to or what exists."""
         if self.allowed_local_media_path is None:
             raise MediaError("file:// image URLs are not accepted by this server (see --allowed-local-media-path)")
-        path = Path(unquote(urlparse(url).path)).resolve()
-        root = Path(self.allowed_local_media_path).resolve()
-        if os.path.commonpath([root, path]) != str(root):
-            raise MediaError(f"{path} is outside the allowed local media path")
-        if not path.is_file():
-            raise MediaError(f"{path} is not a file")
-        if path.stat().st_size > self.max_image_bytes:
-            raise MediaError(f"the image is over the limit of {self.max_image_bytes} bytes", 413)
-        return self._decode(path.read_bytes(), str(path))
+        shown = _shown(url)
+        refused = MediaError(f"the file URL {shown} does not name a file under the allowed local media path")
+        try:
+            path = Path(unquote(urlparse(url).path, errors="strict"))
+            if "\x00" in str(path):
+                raise refused
+            path = path.resolve(strict=True)
+            root = Path(self.allowed_local_media_path).resolve()
+            if os.path.commonpath([root, path]) != str(root) or not path.is_file():
+                raise refused
+            size = path.stat().st_size
+            if size > self.max_image_bytes:
+                raise MediaError(f"the image is over the limit of {self.max_image_bytes} bytes", 413)
+            data = path.read_bytes()
+        except (OSError, ValueError, RuntimeError) as e:  # missing, too long, a loop, undecodable %-escapes
+            if isinstance(e, MediaError):
+                raise
+            raise refused from None
+        return self._decode(data, f"the image at {shown}")
 
     def _decode(self, data: bytes, what: str) -> Image.Image:
         if len(data) > self.max_image_bytes:

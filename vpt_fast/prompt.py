@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -70,14 +71,44 @@ def conversation(turns: Sequence[tuple[str, str]], system: str = spec.SYSTEM_PRO
     return text + f"{spec.IM_START}assistant\n"
 
 
-_ENCODE_LOCK = threading.Lock()
+_ENCODE_LOCK = threading.Lock()  # for slow (pure Python) tokenizers only
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its private Rust encoder
+
+
+def _encoder(tokenizer):
+    """A private copy of a fast tokenizer's Rust backend (None for a slow tokenizer). Nothing
+    ever reconfigures it, so any number of threads encode with it at once; transformers' own
+    call sets truncation and padding on the shared backend each time, which fails ("Already
+    borrowed") when threads overlap."""
+    try:
+        found = _ENCODERS.get(tokenizer)
+    except TypeError:  # not weakly referenceable
+        found = None
+    if found is not None:
+        return found
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    private = Tokenizer.from_str(backend.to_str())
+    private.no_truncation()
+    private.no_padding()
+    with _ENCODE_LOCK:
+        try:
+            return _ENCODERS.setdefault(tokenizer, private)
+        except TypeError:
+            return private
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of a conversation text (special-token text is parsed as those tokens).
-
-    Serialised: a fast tokenizer used from several threads at once (requests prepared in
-    their callers' threads, splices in the engine's) can fail with "Already borrowed"."""
+    """Token ids of a conversation text (special-token text is parsed as those tokens), as
+    `tokenizer(text, add_special_tokens=False)` gives them. A fast tokenizer encodes through a
+    private copy of its backend with Python's lock released, so a long text in one thread
+    stalls neither other encodes nor the server's event loop; a slow one takes turns."""
+    encoder = _encoder(tokenizer)
+    if encoder is not None:
+        return encoder.encode_batch([text], add_special_tokens=False)[0].ids
     with _ENCODE_LOCK:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from . import _hf_compat
+
+
+MIN_TEMPERATURE = 0.01
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def _is_int(value) -> bool:
@@ -22,7 +27,8 @@ class SamplingParams:
     """How one request generates. Invalid values raise ValueError at construction.
 
     max_new_tokens bounds each round; answer_max_new_tokens (default: the same) the rounds
-    after a perception. Greedy unless do_sample; then temperature, top_k and top_p shape the
+    after a perception. Greedy unless do_sample; then temperature (a positive value below
+    MIN_TEMPERATURE is raised to it with a warning, as vLLM does), top_k and top_p shape the
     distribution (in that order, as transformers applies them) and `seed` seeds the request's
     own generator, so its tokens do not depend on what else is batched (None: a fresh seed).
     max_perception_rounds: how many perceptions the request may make (1, as the published
@@ -58,13 +64,16 @@ class SamplingParams:
         t = self.temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"temperature must be a positive number, got {t!r}")
+        if t < MIN_TEMPERATURE:  # vLLM's rule: below it, logits / t overflow to inf and sampling fails
+            warnings.warn(f"temperature {t!r} is below {MIN_TEMPERATURE}: raised to {MIN_TEMPERATURE}", stacklevel=3)
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
         p = self.top_p
         if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None, got {self.seed!r}")
         r = self.repetition_penalty
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r <= 0:
             raise ValueError(f"repetition_penalty must be a positive number, got {r!r}")

@@ -489,8 +489,10 @@ class Engine:
                 r.pending_trace = None
                 events.append(PerceptionEvent(r.id, trace))
 
-    def _choose(self, ready: list[Request]) -> list[int]:
-        """The next token of each request: forced, sampled with its own generator, or greedy."""
+    def _choose(self, ready: list[Request]) -> list[int | str]:
+        """The next token of each request: forced, sampled with its own generator, or greedy; or,
+        for a request whose logits are not finite or whose sampling fails, the message it ends
+        with (that request alone: the others' tokens do not depend on it)."""
         scores = torch.stack([r.logits for r in ready])
         for i, r in enumerate(ready):
             if r.logits_log is not None:
@@ -498,14 +500,20 @@ class Engine:
             if r.params.repetition_penalty != 1.0:
                 seen = torch.tensor(r.ids, dtype=torch.long, device=scores.device)
                 scores[i] = penalize_repetition(scores[i], seen, r.params.repetition_penalty)
-        chosen = scores.argmax(-1).tolist()
+        greedy, finite = torch.stack([scores.argmax(-1), torch.isfinite(scores).all(-1).long()]).tolist()
+        chosen: list[int | str] = list(greedy)
         for i, r in enumerate(ready):
             step = len(r.round_ids)
-            if r.round == 0 and r.forced is not None and step < len(r.forced):
+            if not finite[i]:
+                chosen[i] = f"{r.name}: the model's logits hold NaN or infinite values; the request cannot go on"
+            elif r.round == 0 and r.forced is not None and step < len(r.forced):
                 chosen[i] = r.forced[step]
             elif r.params.do_sample:
                 p = r.params
-                chosen[i] = int(sample(scores[i : i + 1], True, p.top_k, p.top_p, r.generator, p.temperature))
+                try:
+                    chosen[i] = int(sample(scores[i : i + 1], True, p.top_k, p.top_p, r.generator, p.temperature))
+                except RuntimeError as e:  # probabilities torch.multinomial refuses
+                    chosen[i] = f"{r.name}: sampling failed ({e})"
         return chosen
 
     def _decode(self, events: list[Event]) -> None:
@@ -515,6 +523,9 @@ class Engine:
         feed = []
         for r, t in zip(ready, self._choose(ready)):
             r.logits = None
+            if isinstance(t, str):
+                r.finish("error", t)
+                continue
             stop = t == self.vocab.im_end or t in r.params.stop_token_ids
             round_done = stop or len(r.round_ids) + 1 >= r.round_limit
             if not round_done:

@@ -17,21 +17,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import from_messages
 from ..engine import AsyncEngine, EngineClosed, EngineDead, FinishEvent, PerceptionEvent, QueueFull, RequestRejected, TokenEvent
 from ..media import MediaError, MediaPolicy
-from ..prompt import encode
+from ..prompt import script_ids
+from ..sampling import SamplingParams
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, Completion, error_json, trace_json, vpt_json
+
+logger = logging.getLogger("vpt_fast.serving")
+
+
+TEXT_ALLOWANCE = 2**20  # bytes of a request beyond its images: the text, the JSON around it
+
+
+def default_max_request_bytes(media: MediaPolicy, images: int = 1) -> int:
+    """The largest request worth reading: each image a request may carry at the byte limit, as
+    base64 (4 bytes for 3) in a data: URL, plus TEXT_ALLOWANCE."""
+    return images * (4 * -(-media.max_image_bytes // 3) + 64) + TEXT_ALLOWANCE
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,78 @@ class ServeConfig:
     media: MediaPolicy = MediaPolicy()
     default_max_tokens: int = 256
     replica_id: str | None = None  # sent as the x-vpt-fast-replica header of every response (Ray Serve)
+    max_request_bytes: int | None = None  # a body over it is refused (413) while it is read; None: the default
+    protect_metrics: bool = False  # /metrics behind the API key too
+
+    @property
+    def request_limit(self) -> int:
+        return self.max_request_bytes or default_max_request_bytes(self.media)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Gate:
+    """The ASGI layer every request passes first, before anything reads its body: the API key
+    from the headers (401 for the /v1 routes, and /metrics when protected, with nothing about
+    the request), then the size (413 for a Content-Length over the limit, and for a body that
+    grows past it while it is read, whatever it declared)."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app = app
+        self.key = None if config.api_key is None else f"Bearer {config.api_key}".encode()
+        self.protected = ("/v1",) + (("/metrics",) if config.protect_metrics else ())
+        self.limit = config.request_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of repeated headers, as Starlette reads them
+        path = scope["path"]
+        if self.key is not None and any(path == p or path.startswith(p + "/") for p in self.protected):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+                return await _send_json(send, 401, "a valid API key is needed: Authorization: Bearer <key>")
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _send_json(send, 400, "Content-Length must be a number of bytes")
+            if int(declared) > self.limit:
+                return await _send_json(send, 413, f"the request is over the limit of {self.limit} bytes")
+        received, started = 0, False
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracked_send)
+        except _TooLarge:
+            if started:
+                raise
+            await _send_json(send, 413, f"the request is over the limit of {self.limit} bytes")
+
+
+async def _send_json(send, status: int, message: str) -> None:
+    """An error answered by the gate, closing the connection: the body the request declared is
+    left unread, so the connection cannot carry another request."""
+    body = json.dumps(error_json(message, status)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class HTTPError(Exception):
@@ -93,6 +181,9 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
                   lifespan=lifespan)
     metrics = ServerMetrics(engine)
     tokenizer = engine.engine.bundle.tokenizer
+    # text past this many characters cannot fit in max_seq_len tokens: no token spells more
+    max_text_chars = engine.engine.max_seq_len * max(len(t) for t in tokenizer.get_vocab())
+    app.add_middleware(_Gate, config=config)
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -103,22 +194,16 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             response.headers["x-vpt-fast-replica"] = config.replica_id
             return response
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", where or None)
-
     @app.exception_handler(HTTPError)
     async def _http(request: Request, exc: HTTPError):
         return _error(exc.status, str(exc), exc.param)
 
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {config.api_key}":
-            raise HTTPError(401, "a valid API key is needed: Authorization: Bearer <key>")
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        logger.error("%s: %s %s failed", request_id, request.method, request.url.path,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        return _error(500, f"internal error; the server's log has the details under {request_id}")
 
     @app.get("/health")
     async def health():
@@ -133,48 +218,75 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
+    async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "vpt_fast"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
         arrival = time.perf_counter()
-        authorize(request)
-        if body.model is not None and body.model != config.model_name:
-            raise HTTPError(404, f"the model {body.model!r} does not exist here: this server serves {config.model_name!r}",
-                            "model")
-        try:
-            params = body.sampling_params(config.default_max_tokens)
-            image, chat = from_messages(body.messages_as_dicts(), mode=body.vpt_mode)
-        except (TypeError, ValueError) as e:
-            raise HTTPError(400, str(e), "messages") from None
-        forced = encode(tokenizer, body.vpt_force) if body.vpt_force else None  # serialised with the engine's encodes
-        handle = await submit(image, chat, params, forced)
+        raw = await request.body()  # already bounded by the gate
+        handle, body, notes = await admit(raw)
         completion = Completion(config.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(handle, completion, include_usage, arrival), media_type="text/event-stream")
-        return await respond(handle, completion, request, arrival)
+            return StreamingResponse(stream(handle, completion, include_usage, arrival, notes),
+                                     media_type="text/event-stream")
+        return await respond(handle, completion, request, arrival, notes)
 
-    async def submit(image, chat, params, forced):
-        def load_and_submit():
+    def parse(raw: bytes) -> tuple[ChatCompletionRequest, Any, Any, SamplingParams, dict]:
+        """The request checked, before any tokenizing: (body, image, conversation, params, notes)."""
+        try:
+            body = ChatCompletionRequest.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0] if e.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise HTTPError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", where or None) \
+                from None
+        if body.model is not None and body.model != config.model_name:
+            raise HTTPError(404, f"the model {body.model[:100]!r} does not exist here: this server serves "
+                                 f"{config.model_name!r}", "model")
+        notes: dict[str, list[str]] = {}
+        ignored = body.ignored_fields()
+        if ignored:
+            notes["ignored_fields"] = ignored
+            logger.warning("request fields ignored: %s", ", ".join(ignored))
+        try:
+            params, warned = body.sampling_params(config.default_max_tokens)
+            image, chat = from_messages(body.messages_as_dicts(), mode=body.vpt_mode)
+        except (TypeError, ValueError) as e:
+            raise HTTPError(400, str(e), "messages") from None
+        if warned:
+            notes["warnings"] = warned
+        chars = sum(len(text) for _, text in chat.turns) + len(chat.system) + len(body.vpt_force or "")
+        if chars > max_text_chars:
+            raise HTTPError(400, f"the request holds {chars} characters of text, more than the {max_text_chars} this "
+                                 f"server reads (max_seq_len {engine.engine.max_seq_len} tokens)", "messages")
+        return body, image, chat, params, notes
+
+    async def admit(raw: bytes):
+        """Parse, load the image, tokenize and queue the request, in a worker thread (nothing of it
+        on the event loop); (handle, body, notes)."""
+        def work():
+            body, image, chat, params, notes = parse(raw)
+            forced = script_ids(tokenizer, body.vpt_force) if body.vpt_force else None
             loaded = config.media.load(image) if isinstance(image, str) else image
-            return engine.submit(loaded, chat, params, forced, strict=True)
+            return engine.submit(loaded, chat, params, forced, strict=True), body, notes
 
         try:
-            return await run_in_threadpool(load_and_submit)
+            return await run_in_threadpool(work)
         except MediaError as e:
             raise HTTPError(e.status, str(e), "messages") from None
         except RequestRejected as e:
             raise HTTPError(400, str(e), "messages") from None
+        except ValueError as e:  # scripted tokens that encode to nothing
+            raise HTTPError(400, str(e), "vpt_force") from None
         except QueueFull as e:
             raise HTTPError(429, str(e)) from None
         except (EngineClosed, EngineDead) as e:
             raise HTTPError(503, str(e)) from None
 
-    async def respond(handle, completion: Completion, request: Request, arrival: float):
+    async def respond(handle, completion: Completion, request: Request, arrival: float, notes: dict):
         first = last = None
         round1: list[int] = []
         result = None
@@ -204,9 +316,9 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         metrics.finished(result, first, last)
         if result.finish_reason == "error" and result.error and result.error.startswith("engine failure"):
             return _error(500, result.error)
-        return completion.response(result, tokenizer.decode(result.round1_ids, skip_special_tokens=True))
+        return completion.response(result, tokenizer.decode(result.round1_ids, skip_special_tokens=True), notes)
 
-    async def stream(handle, completion: Completion, include_usage: bool, arrival: float):
+    async def stream(handle, completion: Completion, include_usage: bool, arrival: float, notes: dict):
         first = last = None
         decoder = _Decoder(tokenizer)
         result = None
@@ -233,7 +345,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             else:
                 round1 = tokenizer.decode(result.round1_ids, skip_special_tokens=True)
                 finish = "length" if result.finish_reason == "length" else "stop"
-                yield _sse(completion.chunk({}, finish, vpt=vpt_json(result, round1)))
+                yield _sse(completion.chunk({}, finish, vpt=vpt_json(result, round1, notes)))
                 if include_usage:
                     yield _sse(completion.usage_chunk(result))
             yield "data: [DONE]\n\n"

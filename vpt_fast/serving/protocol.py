@@ -19,7 +19,9 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine import GenerationResult, PerceptionTrace
-from ..sampling import SamplingParams
+from ..sampling import MIN_TEMPERATURE, SEED_RANGE, SamplingParams
+
+SHOWN_IGNORED = 20  # ignored field names listed in a response, each cut at 64 characters
 
 FINISH = {"stop": "stop", "length": "length"}  # anything else the engine reports is "stop" here, exact in vpt
 
@@ -48,7 +50,9 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """The fields vpt_fast honours; others that would change the answer (tools, stop strings,
-    penalties, logprobs, n > 1, ...) are refused rather than ignored."""
+    penalties, logprobs, n > 1, ...) are refused rather than ignored. Fields it does not know
+    are ignored, as vLLM does, with a logged warning, and listed in the response's
+    `vpt.ignored_fields`."""
 
     model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
@@ -58,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(default=None, ge=-1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -78,16 +82,28 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError(f"{name} is not supported by vpt_fast")
         return self
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams: the token limit bounds each round (round 1 and the answer);
-        temperature 0 is greedy; 1 is the default, as in OpenAI's API."""
+    def ignored_fields(self) -> list[str]:
+        """The request's fields this server does not know (the refused ones excepted)."""
+        names = sorted(k for k in (self.model_extra or {}) if k not in self.UNSUPPORTED)
+        shown = [n if len(n) <= 64 else n[:64] + "..." for n in names[:SHOWN_IGNORED]]
+        return shown + ([f"... {len(names) - SHOWN_IGNORED} more"] if len(names) > SHOWN_IGNORED else [])
+
+    def sampling_params(self, default_max_tokens: int) -> tuple[SamplingParams, list[str]]:
+        """(the engine's SamplingParams, warnings about values changed): the token limit bounds
+        each round (round 1 and the answer); temperature 0 is greedy, one between 0 and
+        MIN_TEMPERATURE is raised to it (as vLLM does: smaller ones overflow the logits); 1 is
+        the default, as in OpenAI's API."""
         limit = self.max_completion_tokens or self.max_tokens or default_max_tokens
         temperature = 1.0 if self.temperature is None else self.temperature
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
         if temperature == 0:
-            return SamplingParams(max_new_tokens=limit)
+            return SamplingParams(max_new_tokens=limit), []
+        warned = []
+        if temperature < MIN_TEMPERATURE:
+            warned.append(f"temperature {temperature!r} is below {MIN_TEMPERATURE}: raised to {MIN_TEMPERATURE}")
+            temperature = MIN_TEMPERATURE
         return SamplingParams(max_new_tokens=limit, do_sample=True, temperature=temperature, top_k=top_k,
-                              top_p=self.top_p, seed=self.seed)
+                              top_p=self.top_p, seed=self.seed), warned
 
     def messages_as_dicts(self) -> list[dict[str, Any]]:
         out = []
@@ -106,11 +122,13 @@ def trace_json(t: PerceptionTrace) -> dict[str, Any]:
     return t.to_json()
 
 
-def vpt_json(result: GenerationResult, round1_text: str) -> dict[str, Any]:
+def vpt_json(result: GenerationResult, round1_text: str, notes: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The `vpt` object of a choice; notes: "ignored_fields" and "warnings" about the request."""
     out = {"finish_reason": result.finish_reason, "token_ids": list(result.token_ids), "round1_text": round1_text,
            "trace": [trace_json(t) for t in result.trace]}
     if result.error:
         out["error"] = result.error
+    out.update(notes or {})
     return out
 
 
@@ -129,11 +147,11 @@ class Completion:
         self.created = int(time.time())
         self.model = model
 
-    def response(self, result: GenerationResult, round1_text: str) -> dict[str, Any]:
+    def response(self, result: GenerationResult, round1_text: str, notes: dict[str, list[str]] | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": FINISH.get(result.finish_reason, "stop"),
-                             "vpt": vpt_json(result, round1_text)}],
+                             "vpt": vpt_json(result, round1_text, notes)}],
                 "usage": usage_json(result)}
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extra) -> dict[str, Any]:
@@ -148,6 +166,6 @@ class Completion:
 
 def error_json(message: str, status: int, kind: str | None = None, param: str | None = None) -> dict[str, Any]:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
     return {"error": {"message": message, "type": kind or kinds.get(status, "server_error"), "param": param,
                       "code": status}}

@@ -36,8 +36,87 @@ def make_app(args, replica_id: str | None = None):
     media = MediaPolicy(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                         allowed_local_media_path=args.allowed_local_media_path)
     config = ServeConfig(model_name=args.served_model_name or model_path.name, api_key=args.api_key, media=media,
-                         default_max_tokens=args.default_max_tokens, replica_id=replica_id)
+                         default_max_tokens=args.default_max_tokens, replica_id=replica_id,
+                         max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics)
     return build_app(AsyncEngine(engine, max_queue=args.max_queue), config)
+
+
+MAX_HEADER_BYTES = 32 * 2**10  # a request's line and headers together
+KEEP_ALIVE_SECONDS = 5  # an idle connection between requests
+
+
+def guarded_protocol(header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES):
+    """uvicorn's h11 protocol with two guards on each request's line and headers, which uvicorn
+    leaves open: a deadline (a connection that sends nothing, or half a request, is closed after
+    `header_timeout` seconds; uvicorn's keep-alive timeout covers only the idle time after a
+    response) and a size (431 past `max_header_bytes`, however the bytes arrive)."""
+    import json
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .protocol import error_json
+
+    body = json.dumps(error_json(f"the request line and headers are over {max_header_bytes} bytes", 431)).encode()
+    too_large = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class GuardedProtocol(H11Protocol):
+        _deadline = None
+        _head_bytes = 0  # bytes of the request line and headers read so far
+        _head_tail = b""  # the last bytes read, for an end of headers split across reads
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._between_requests():
+                joined = self._head_tail + data
+                end = joined.find(b"\r\n\r\n")
+                seen = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._head_tail))
+                if seen > max_header_bytes:
+                    self.transport.write(too_large)
+                    self.transport.close()
+                    return
+                self._head_bytes, self._head_tail = (seen, joined[-3:]) if end < 0 else (0, b"")
+            super().data_received(data)
+            if self._between_requests():
+                self._arm()  # still reading a request's headers: the deadline stands (it is not reset)
+            else:
+                self._disarm()  # a request's headers are in: it runs
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self):
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self):
+            self._deadline = None
+            if self._between_requests():
+                self.transport.close()
+
+    return GuardedProtocol
+
+
+def uvicorn_config(app, host: str, port: int, max_connections: int, header_timeout: float, log_level: str = "info"):
+    """uvicorn's settings for a server facing the open network: a bounded header size, a header
+    deadline, a keep-alive timeout and a connection limit (503 past it), all explicit."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(header_timeout),
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                          limit_concurrency=max_connections)
 
 
 def serve(args) -> int:
@@ -47,7 +126,7 @@ def serve(args) -> int:
 
     app = make_app(args)
     engine: AsyncEngine = app.state.engine
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, args.max_connections, args.header_timeout))
 
     def exit_when_dead():
         reason = engine.wait_dead()
