@@ -14,7 +14,6 @@ from pathlib import Path
 
 from vpt_cases import rand_image, region, toks
 
-from vpt_fast.chat import question_prompt
 from vpt_fast.engine import Engine
 
 SCRIPT = region(([1, 3], [0, 2]))  # every item's scripted round 1: one region block
@@ -36,7 +35,8 @@ def write_dataset(folder: Path, bundle, n: int = 40) -> tuple[Path, dict[str, di
     images = [rand_image(40 + 7 * (i % 5), 36 + 5 * (i % 4), 1000 + i) for i in range(good)]
     questions = [f"What is in picture {i}?" for i in range(good)]
     forced = toks(bundle.tokenizer, SCRIPT)
-    results = Engine(bundle, max_batch_size=8).generate(images, [question_prompt(q, None) for q in questions],
+    # the published evaluation's prompt, written out: the image, a newline, the question
+    results = Engine(bundle, max_batch_size=8).generate(images, [f"<image>\n{q}" for q in questions],
                                                         MAX_NEW_TOKENS, [forced] * good)
     lines, expected = [], {}
     for i, (image, question, result) in enumerate(zip(images, questions, results)):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vpt_fast.ops import _registry
-from vpt_fast.ops.kv_splice import kv_splice_torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -18,14 +17,20 @@ INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float1
 # ----------------------------------------------------------------------------- crop_patch_rows
 
 
-def gather_einsum_rows(image, iy, wy, ix, wx, mean, std, patch_size: int, merge_size: int) -> torch.Tensor:
-    """crop_patch_rows written independently of the op. Gather; weighted sum along x for each tap row, rounded half up and clipped to 0..255; then
-    along y, rounded again (PIL's two 8-bit passes); normalize; cut into patch rows in the
+def gather_einsum_rows(image, iy, wy, ix, wx, mean, std, patch_size: int, merge_size: int,
+                       vertical_first: bool = False) -> torch.Tensor:
+    """crop_patch_rows written independently of the op. Gather; weighted sum along x for each
+    tap row, rounded half up and clipped to 0..255; then along y, rounded again (PIL's two 8-bit
+    passes; with vertical_first, y first, then x); normalize; cut into patch rows in the
     Qwen2-VL processor's order (merge block row, merge block column, i, j), values (c, py, px)."""
     img = image.float()
     taps = img[iy.long()][:, :, ix.long()]  # (H', Ky, W', Kx, 3)
-    rows = torch.floor(torch.einsum("yaxbc,xb->yaxc", taps, wx) + 0.5).clamp(0, 255)
-    out = torch.floor(torch.einsum("yaxc,ya->yxc", rows, wy) + 0.5).clamp(0, 255)
+    if vertical_first:
+        cols = torch.floor(torch.einsum("yaxbc,ya->yxbc", taps, wy) + 0.5).clamp(0, 255)
+        out = torch.floor(torch.einsum("yxbc,xb->yxc", cols, wx) + 0.5).clamp(0, 255)
+    else:
+        rows = torch.floor(torch.einsum("yaxbc,xb->yaxc", taps, wx) + 0.5).clamp(0, 255)
+        out = torch.floor(torch.einsum("yaxc,ya->yxc", rows, wy) + 0.5).clamp(0, 255)
     out = (out * (1 / 255) - mean) / std
     p, m = patch_size, merge_size
     gh, gw = out.shape[0] // p, out.shape[1] // p
@@ -102,16 +107,34 @@ def splice_inputs(layout: str, tokens: int, heads: int, dim: int, gen: torch.Gen
     return moved
 
 
+def _rotated(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One token's keys (heads, dim) rotated, written out half by half: (x1, x2) ->
+    (x1 cos - x2 sin, x2 cos + x1 sin), in the promoted dtype of the keys and the tables."""
+    dtype = torch.promote_types(k.dtype, cos.dtype)
+    k, cos, sin = k.to(dtype), cos.to(dtype), sin.to(dtype)
+    h = k.shape[-1] // 2
+    x1, x2 = k[:, :h], k[:, h:]
+    return torch.cat([x1 * cos[:h] - x2 * sin[:h], x2 * cos[h:] + x1 * sin[h:]], dim=-1)
+
+
 def reference_caches(k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
-    """The caches kv_splice_torch (the definition) leaves, from copies of the given ones."""
+    """The caches kv_splice must leave, from copies of the given ones, written one token at a
+    time here (independently of the op and its definition): slot s of a [blocks, block_size,
+    ...] cache is block s // block_size, offset s % block_size; -1 writes nothing."""
     k_exp, v_exp = k_cache.clone(), v_cache.clone()
-    kv_splice_torch(k_new, v_new, k_exp, v_exp, slots, cos, sin)
+    block_size = k_cache.shape[1]
+    for n, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        k = k_new[n] if cos is None else _rotated(k_new[n], cos[n], sin[n])
+        k_exp[slot // block_size, slot % block_size] = k.to(k_cache.dtype)
+        v_exp[slot // block_size, slot % block_size] = v_new[n].to(v_cache.dtype)
     return k_exp, v_exp
 
 
 def splice_with_reference(splice, k_new, v_new, k_cache, v_cache, slots, cos=None, sin=None):
-    """Run `splice` (a kv_splice implementation) on the caches; return what the definition makes
-    of the same caches."""
+    """Run `splice` (a kv_splice implementation) on the caches; return what `reference_caches`
+    makes of the same caches."""
     k_exp, v_exp = reference_caches(k_new, v_new, k_cache, v_cache, slots, cos, sin)
     splice(k_new, v_new, k_cache, v_cache, slots, cos, sin)
     return k_exp, v_exp
@@ -158,3 +181,16 @@ def use_backend(monkeypatch, op: str, backend: str, device_type: str = "cpu") ->
     when that backend cannot run here."""
     runnable(op, backend, device_type)
     monkeypatch.setitem(_registry._chosen, (op, device_type), backend)
+
+
+def spy_backends(monkeypatch, implementations: dict, label: str = "") -> list:
+    """Wrap every implementation of an op (its IMPLEMENTATIONS dict) so that each call records
+    (label, backend name) in the returned list: a test can then tell which backend ran."""
+    ran = []
+    for name, fn in list(implementations.items()):
+        def spy(*args, _fn=fn, _name=name, **kwargs):
+            ran.append((label, _name))
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(implementations, name, spy)
+    return ran

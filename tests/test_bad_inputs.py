@@ -188,15 +188,35 @@ def test_a_second_stream_in_one_thread_is_refused(engine, good):
     same(engine.generate([im2], [p2], 8, [f2], return_logits=True)[0], good[1][1])
 
 
-def test_a_thread_waits_for_an_open_stream(engine, good):
+class WatchedLock:
+    """The engine's lock, telling (by an event) when a thread begins to wait for it."""
+
+    def __init__(self, lock):
+        self.lock, self.waiting = lock, threading.Event()
+
+    def __enter__(self):
+        if not self.lock.acquire(blocking=False):
+            self.waiting.set()
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_thread_waits_for_an_open_stream(engine, good, monkeypatch):
     (im0, p0, f0), (im2, p2, f2) = good[0]
+    watched = WatchedLock(engine._lock)
+    monkeypatch.setattr(engine, "_lock", watched)
     stream = engine.stream([im0], [p0], 8, [f0], return_logits=True)
     next(stream)
     waiting = {}
     other = threading.Thread(target=lambda: waiting.update(out=engine.generate([im2], [p2], 8, [f2], return_logits=True)))
     other.start()
-    other.join(timeout=0.2)
+    assert watched.waiting.wait(timeout=30), "the second caller never reached the engine"
+    assert other.is_alive() and "out" not in waiting  # blocked while the stream holds the engine
     finished = [e for e in stream if isinstance(e, FinishEvent)]
-    other.join()
+    other.join(timeout=60)
+    assert not other.is_alive()
     same(finished[0].result, good[1][0])
-    same(waiting["out"][0], good[1][1])
+    same(waiting["out"][0], good[1][1])  # then served, with its own answer

@@ -48,7 +48,7 @@ def test_resampling_tables_cases(backend, case):
     height, width, box, out_hw = ROWS_CASES[case]
     capped = box[3] - box[1], box[2] - box[0]
     for vertical_first in {False, pil_vertical_first(capped, out_hw)}:
-        assert_rows_close(rows(*args, 14, 2, vertical_first), crop_patch_rows_torch(*args, 14, 2, vertical_first),
+        assert_rows_close(rows(*args, 14, 2, vertical_first), gather_einsum_rows(*args, 14, 2, vertical_first),
                           f"{case}, vertical_first={vertical_first}")
 
 

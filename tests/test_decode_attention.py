@@ -4,7 +4,7 @@ blocks whose stale entries are NaN; error paths."""
 import pytest
 import torch
 from attention_cases import loop_attention, paged_case, rotate
-from op_cases import can_run, runnable, use_backend
+from op_cases import can_run, runnable, spy_backends, use_backend
 
 from vpt_fast.ops.decode_attention import IMPLEMENTATIONS, decode_attention
 
@@ -55,11 +55,13 @@ def test_decode_attention_bf16_error_within_torch_bf16_error(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_op_runs_the_chosen_backend(monkeypatch, backend):
     use_backend(monkeypatch, "decode_attention", backend)
+    ran = spy_backends(monkeypatch, IMPLEMENTATIONS)
     g = torch.Generator().manual_seed(2)
     k, v, tables, seq_lens = paged_case([3, 9], 4, 2, 16, g)
     q = torch.randn(2, 4, 16, generator=g)
     want = loop_attention(q, k, v, tables, seq_lens, 0.25, [(0, 2), (1, 8)])
     assert (decode_attention(q, k, v, tables, seq_lens, 0.25) - want).abs().max() <= 1e-5
+    assert ran == [("", backend)], ran
 
 
 def test_opcheck():

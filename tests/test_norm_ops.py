@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import runnable, use_backend
+from op_cases import runnable, spy_backends, use_backend
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRMSNorm
 
 from vpt_fast.ops import add_rms_norm, silu_mul
@@ -43,32 +43,48 @@ def test_the_definitions_are_transformers_arithmetic(dtype):
     assert torch.equal(silu_mul_torch(gate, up), torch.nn.SiLU()(gate) * up)
 
 
+def _hf_norm(weight: torch.Tensor) -> Qwen2VLRMSNorm:
+    norm = Qwen2VLRMSNorm(weight.shape[0], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(weight.float())
+    return norm.to(weight.dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,hidden", [(3, 96), (1, 1536), (7, 100)])
-def test_backends_match_the_definitions(backend, dtype, rows, hidden):
+def test_backends_match_transformers_modules(backend, dtype, rows, hidden):
     g = torch.Generator().manual_seed(rows * hidden)
     x = torch.randn(rows, hidden, generator=g).to(dtype)
     res = torch.randn(rows, hidden, generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
-    want_sum, want = add_rms_norm_torch(x, res, w, 1e-6)
-    got_sum, got = implementation("add_rms_norm", backend)(x, res, w, 1e-6)
-    assert close(got_sum, want_sum, dtype) and close(got, want, dtype)
-    assert close(implementation("rms_norm", backend)(x, w, 1e-6), add_rms_norm_torch(x, None, w, 1e-6)[1], dtype)
-    gate, up = torch.randn(rows, 2 * hidden + 3, generator=g).to(dtype), torch.randn(rows, 2 * hidden + 3, generator=g).to(dtype)
-    assert close(implementation("silu_mul", backend)(gate, up), silu_mul_torch(gate, up), dtype)
+    norm = _hf_norm(w)
+    with torch.no_grad():
+        got_sum, got = implementation("add_rms_norm", backend)(x, res, w, 1e-6)
+        assert close(got_sum, x + res, dtype) and close(got, norm(x + res), dtype)
+        assert close(implementation("rms_norm", backend)(x, w, 1e-6), norm(x), dtype)
+        gate = torch.randn(rows, 2 * hidden + 3, generator=g).to(dtype)
+        up = torch.randn(rows, 2 * hidden + 3, generator=g).to(dtype)
+        assert close(implementation("silu_mul", backend)(gate, up), torch.nn.SiLU()(gate) * up, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_public_functions_run_the_chosen_backend(monkeypatch, backend):
+    spies = []
     for op in ("add_rms_norm", "rms_norm", "silu_mul"):
         use_backend(monkeypatch, op, backend)
+        spies.append(spy_backends(monkeypatch, IMPLEMENTATIONS[op], op))
     x, w = torch.randn(2, 16), torch.randn(16)
-    total, normed = add_rms_norm(x, None, w, 1e-6)
-    assert total is x and close(normed, add_rms_norm_torch(x, None, w, 1e-6)[1], torch.float32)
-    total, normed = add_rms_norm(x, x, w, 1e-6)
-    assert close(normed, add_rms_norm_torch(x, x, w, 1e-6)[1], torch.float32)
-    assert close(silu_mul(x, x), silu_mul_torch(x, x), torch.float32)
+    norm = _hf_norm(w)
+    with torch.no_grad():
+        total, normed = add_rms_norm(x, None, w, 1e-6)
+        assert total is x and close(normed, norm(x), torch.float32)
+        total, normed = add_rms_norm(x, x, w, 1e-6)
+        assert close(normed, norm(x + x), torch.float32)
+        assert close(silu_mul(x, x), torch.nn.SiLU()(x) * x, torch.float32)
+    ran = [call for spy in spies for call in spy]
+    assert ran and all(name == backend for _, name in ran), ran
+    assert {op for op, _ in ran} >= {"add_rms_norm", "silu_mul"}, ran
 
 
 def test_opcheck():

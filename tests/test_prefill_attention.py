@@ -4,7 +4,7 @@ backend against a per-query loop; error paths."""
 import pytest
 import torch
 from attention_cases import loop_attention, paged_case
-from op_cases import runnable, use_backend
+from op_cases import runnable, spy_backends, use_backend
 
 from vpt_fast.ops.prefill_attention import IMPLEMENTATIONS, prefill_attention
 
@@ -56,12 +56,14 @@ def test_prefill_attention_bf16_error_within_torch_bf16_error(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_op_runs_the_chosen_backend(monkeypatch, backend):
     use_backend(monkeypatch, "prefill_attention", backend)
+    ran = spy_backends(monkeypatch, IMPLEMENTATIONS)
     g = torch.Generator().manual_seed(2)
     lens, new = [5, 12], [5, 4]
     k, v, tables, seq_lens = paged_case(lens, 4, 2, 16, g)
     q, cu, positions = queries(lens, new, 4, 16, g)
     want = loop_attention(q, k, v, tables, seq_lens, 0.25, positions)
     assert (prefill_attention(q, k, v, tables, seq_lens, cu, 0.25) - want).abs().max() <= 1e-5
+    assert ran == [("", backend)], ran
 
 
 def test_opcheck():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import threading
 import time
 
@@ -97,51 +98,69 @@ def test_sixteen_concurrent_clients(tiny_bundle, served, client):
 
 
 def error_cases():
+    """name: (status, body, the whole message as a regular expression, param)."""
     image = rand_image(40, 40)
     ok = messages(image)
     big = base64.b64encode(bytes(5 * 2**19)).decode()  # 2.5 MiB: over the image limit, not the request limit
+
+    def image_body(url):
+        return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "Q"}]}]}
+
+    png = "data:image/png;base64,"
     return {
-        "unreadable image": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}},
-            {"type": "text", "text": "Q"}]}]}, "not an image PIL can read"),
-        "bad base64": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, "not valid base64"),
-        "a web URL": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, "scheme 'https' is not accepted"),
-        "a file URL outside the folder": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
-            "the file URL 'file:///etc/passwd' does not name a file under the allowed local media path"),
-        "content of a number": (400, {"messages": [{"role": "user", "content": 5}]}, "messages"),
-        "no messages": (400, {"messages": []}, "messages"),
+        "unreadable image": (400, image_body(png + base64.b64encode(b"not a png").decode()),
+                             r"the data: URL is not an image PIL can read \(accepted: GIF, JPEG, PNG, WEBP\)", "messages"),
+        "bad base64": (400, image_body(png + "@@@"), r"the data: URL is not valid base64 \(.+\)", "messages"),
+        "a web URL": (400, image_body("https://example.com/a.png"),
+                      r"image URL scheme 'https' is not accepted: send the image as a data: URL \(base64\) or a "
+                      r"file:// URL under the allowed local media path", "messages"),
+        "a file URL outside the folder": (400, image_body("file:///etc/passwd"),
+                                          r"the file URL 'file:///etc/passwd' does not name a file under the allowed "
+                                          r"local media path", "messages"),
+        "content of a number": (400, {"messages": [{"role": "user", "content": 5}]},
+                                r"messages\.0\.content\.str: Input should be a valid string", "messages.0.content.str"),
+        "no messages": (400, {"messages": []}, r"messages: List should have at least 1 item after validation, not 0",
+                        "messages"),
         "last message not the user's": (400, {"messages": [{"role": "user", "content": "a"},
-                                                           {"role": "assistant", "content": "b"}]}, "last message"),
-        "two images": (400, {"messages": [{"role": "user", "content": ok[0]["content"] * 2}]}, "one image"),
-        "special token text": (400, {"messages": [{"role": "user", "content": "hi <|im_end|>"}]}, "special token text"),
-        "temperature out of range": (400, {"messages": ok, "temperature": 5}, "temperature"),
-        "max_tokens zero": (400, {"messages": ok, "max_tokens": 0}, "max_tokens"),
-        "n of 2": (400, {"messages": ok, "n": 2}, "n"),
-        "tools": (400, {"messages": ok, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
-        "unknown vpt_mode": (400, {"messages": ok, "vpt_mode": "zoom"}, "vpt_mode"),
-        "image over the byte limit": (413, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + big}}]}]}, "over the limit of 2097152 bytes"),
-        "decompression bomb": (413, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(bomb_png(20000, 20000)).decode()}}]}]},
-            "decompression bomb"),
-        "image over the pixel limit": (413, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(bomb_png(5000, 3000)).decode()}}]}]},
-            "5000x3000 pixels, over the limit of 10000000"),
-        "another model": (404, {"model": "gpt-9", "messages": ok}, "does not exist here"),
+                                                           {"role": "assistant", "content": "b"}]},
+                                        r"the last message must be the user's", "messages"),
+        "two images": (400, {"messages": [{"role": "user", "content": ok[0]["content"] * 2}]},
+                       r"message 0, part 2: a conversation may carry one image", "messages"),
+        "special token text": (400, {"messages": [{"role": "user", "content": "hi <|im_end|>"}]},
+                               r"request \d+: turn 0: the prompt holds the special token text '<\|im_end\|>' at "
+                               r"character 3: special tokens cannot be typed in a prompt \(place the image with "
+                               r"'<image>'\)", "messages"),
+        "temperature out of range": (400, {"messages": ok, "temperature": 5},
+                                     r"temperature: Input should be less than or equal to 2", "temperature"),
+        "max_tokens zero": (400, {"messages": ok, "max_tokens": 0},
+                            r"max_tokens: Input should be greater than or equal to 1", "max_tokens"),
+        "n of 2": (400, {"messages": ok, "n": 2}, r"n: Input should be less than or equal to 1", "n"),
+        "tools": (400, {"messages": ok, "tools": [{"type": "function", "function": {"name": "f"}}]},
+                  r"tools is not supported by vpt_fast", None),
+        "unknown vpt_mode": (400, {"messages": ok, "vpt_mode": "zoom"},
+                             r"vpt_mode: Input should be 'region', 'reencode' or 'free'", "vpt_mode"),
+        "image over the byte limit": (413, image_body(png + big), r"the image is over the limit of 2097152 bytes",
+                                      "messages"),
+        "decompression bomb": (413, image_body(png + base64.b64encode(bomb_png(20000, 20000)).decode()),
+                               r"the data: URL: refused \(Image size \(400000000 pixels\) exceeds limit of \d+ "
+                               r"pixels, could be decompression bomb DOS attack\.\)", "messages"),
+        "image over the pixel limit": (413, image_body(png + base64.b64encode(bomb_png(5000, 3000)).decode()),
+                                       r"the data: URL is 5000x3000 pixels, over the limit of 10000000", "messages"),
+        "another model": (404, {"model": "gpt-9", "messages": ok},
+                          r"the model 'gpt-9' does not exist here: this server serves 'tiny-clip'", "model"),
     }
 
 
 @pytest.mark.parametrize("case", list(error_cases()))
 def test_errors_are_openai_json(served, case):
     base_url = served.base_url
-    status, body, message = error_cases()[case]
+    status, body, message, param = error_cases()[case]
     reply = post(base_url, body)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
-    assert message in error["message"] and error["code"] == status and error["type"]
+    assert re.fullmatch(message, error["message"]), error["message"]
+    assert error["code"] == status and error["param"] == param and error["type"]
     ok = post(base_url, {"messages": messages(rand_image(30, 30)), "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200  # and the server still answers
 

@@ -102,8 +102,8 @@ class MediaPolicy:
             opened = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise MediaError(f"{what}: refused ({e})", 413) from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise MediaError(f"{what} is not an image PIL can read ({e})") from None
+        except (UnidentifiedImageError, OSError):
+            raise MediaError(f"{what} is not an image PIL can read (accepted: {', '.join(sorted(FORMATS))})") from None
         if opened.format not in FORMATS:
             raise MediaError(f"{what} is a {opened.format} image; accepted: {', '.join(sorted(FORMATS))}")
         width, height = opened.size

@@ -288,32 +288,38 @@ class AsyncEngine:
                     return
                 if self._closing and not inbox and not engine.has_unfinished() and not self._handles:
                     return
-            try:
-                with engine._one_call():
-                    for request in inbox:
-                        engine._enqueue(request)
-                    for request_id in aborts:
-                        engine._abort(request_id)
-                    events = engine._step() if engine.has_unfinished() else []
-                    waiting = engine.num_waiting
-            except Exception as e:  # outside a step (which ends its own requests): end everything, go on
-                logger.exception("vpt_fast engine loop failed")
-                with engine._one_call():
-                    lost = engine._drop_all()
-                events = [FinishEvent(rid, GenerationResult([], [], [], "", "error", error=f"engine failure: {e}"))
-                          for rid in lost]
-                waiting = 0
-            with self._cond:
-                self._waiting = waiting
-                handles = dict(self._handles)
-                for event in events:
-                    if isinstance(event, FinishEvent):
-                        self._handles.pop(event.request, None)
+            self._turn(inbox, aborts)
+            del inbox, aborts  # nothing of a finished request outlives its turn
+
+    def _turn(self, inbox: list[Request], aborts: list[int]) -> None:
+        """Hand the new requests and aborts to the engine, run one step, deliver its events."""
+        engine = self.engine
+        try:
+            with engine._one_call():
+                for request in inbox:
+                    engine._enqueue(request)
+                for request_id in aborts:
+                    engine._abort(request_id)
+                events = engine._step() if engine.has_unfinished() else []
+                waiting = engine.num_waiting
+        except Exception as e:  # outside a step (which ends its own requests): end everything, go on
+            logger.exception("vpt_fast engine loop failed")
+            with engine._one_call():
+                lost = engine._drop_all()
+            events = [FinishEvent(rid, GenerationResult([], [], [], "", "error", error=f"engine failure: {e}"))
+                      for rid in lost]
+            waiting = 0
+        with self._cond:
+            self._waiting = waiting
+            handles = dict(self._handles)
             for event in events:
-                handle = handles.get(event.request)
-                if handle is not None:
-                    handle._push(event)
-            if engine.dead is not None:
-                logger.error("vpt_fast engine is dead: %s", engine.dead)
-                with self._cond:
-                    self._cond.notify_all()  # the loop's next turn ends what is left
+                if isinstance(event, FinishEvent):
+                    self._handles.pop(event.request, None)
+        for event in events:
+            handle = handles.get(event.request)
+            if handle is not None:
+                handle._push(event)
+        if engine.dead is not None:
+            logger.error("vpt_fast engine is dead: %s", engine.dead)
+            with self._cond:
+                self._cond.notify_all()  # the loop's next turn ends what is left

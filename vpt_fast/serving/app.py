@@ -241,8 +241,8 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         except ValidationError as e:
             first = e.errors()[0] if e.errors() else {}
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise HTTPError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", where or None) \
-                from None
+            what = first.get("msg", "invalid request").removeprefix("Value error, ")
+            raise HTTPError(400, f"{where + ': ' if where else ''}{what}", where or None) from None
         if body.model is not None and body.model != config.model_name:
             raise HTTPError(404, f"the model {body.model[:100]!r} does not exist here: this server serves "
                                  f"{config.model_name!r}", "model")
