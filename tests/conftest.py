@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Everything the tests need is on disk: never reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# What the package builds once and keeps (the compiled extension, the demo checkpoint) goes to a
+# folder of this test session, removed at its end: tests never read or write the user's cache.
+# A VPT_FAST_BUILD_DIR / VPT_FAST_CACHE already set is used as it is (to keep builds across runs).
+_SESSION_CACHE = tempfile.mkdtemp(prefix="vpt_fast_tests_")
+os.environ.setdefault("VPT_FAST_CACHE", _SESSION_CACHE)
+os.environ.setdefault("VPT_FAST_BUILD_DIR", os.path.join(_SESSION_CACHE, "ext"))
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
 

@@ -142,10 +142,7 @@ def test_leaving_a_stream_aborts_its_request(clip):
 
     try:
         rid = asyncio.run(leave_early())
-        for _ in range(200):
-            if not engine.engine.has_unfinished():
-                break
-            threading.Event().wait(0.05)
+        assert engine.wait_idle(timeout=60)
         assert not engine.engine.has_unfinished() and engine.engine.kv_blocks_used == 0
         assert engine.num_in_flight == 0 and rid is not None
     finally:

@@ -690,6 +690,7 @@ def test_loading_prints_no_transformers_warnings(tiny_ckpt, capfd):
 
     from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_warning()
     records = []
     handler = logging.Handler()
@@ -700,6 +701,7 @@ def test_loading_prints_no_transformers_warnings(tiny_ckpt, capfd):
             load_vpt_checkpoint(folder)
     finally:
         hf_logging.get_logger().removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
     assert [r.getMessage() for r in records] == []
     assert "[transformers]" not in capfd.readouterr().err
 

@@ -221,6 +221,12 @@ class AsyncEngine:
         """Whether `submit` takes requests (the loop runs, no shutdown has begun, the engine lives)."""
         return not self._closing and self._thread.is_alive() and self.engine.dead is None
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is in flight (every request submitted has finished and its handle
+        has its result), `timeout` seconds at most; whether that happened."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._handles and not self._inbox, timeout)
+
     @property
     def dead(self) -> str | None:
         """Why the engine cannot serve any more (a device failure), or None while it can."""
@@ -312,13 +318,16 @@ class AsyncEngine:
         with self._cond:
             self._waiting = waiting
             handles = dict(self._handles)
-            for event in events:
-                if isinstance(event, FinishEvent):
-                    self._handles.pop(event.request, None)
         for event in events:
             handle = handles.get(event.request)
             if handle is not None:
                 handle._push(event)
+        finished = [event.request for event in events if isinstance(event, FinishEvent)]
+        if finished:
+            with self._cond:
+                for request_id in finished:
+                    self._handles.pop(request_id, None)
+                self._cond.notify_all()  # wait_idle
         if engine.dead is not None:
             logger.error("vpt_fast engine is dead: %s", engine.dead)
             with self._cond:
