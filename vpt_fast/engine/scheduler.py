@@ -42,10 +42,11 @@ from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import mrope_positions, set_backend
 from ..ops._registry import device_guard
 from ..prompt import body_of, first_turn, special_token_pattern
-from ..sampling import SamplingParams, check_batch, check_forced, penalize_repetition, sample
+from ..sampling import SamplingParams, check_batch, check_forced
 from .cache import PagedKVCache
 from .decode import BUCKETS, DecodeStep
 from .runner import Runner
+from .sampler import BatchSampler
 from .segments import SegmentRunner
 from .splice import Splicer
 from .state import Event, FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, Request, Status, TokenEvent
@@ -150,6 +151,7 @@ class Engine:
                 logger.info("captured decode graphs for batch sizes %s in %.2f s (%.1f MiB)",
                             self.graph_capture.buckets, self.graph_capture.seconds, self.graph_capture.bytes / 2**20)
         self._segments = SegmentRunner(bundle, self.runner, self.cache, image_pipeline)
+        self._sampler = BatchSampler(max_batch_size, self.runner.lm_head.weight.shape[0], self.device)
         self._splicer = Splicer(bundle, self.cache, max_seq_len)
         self.two_pass = bundle.vpt_config.two_pass
         self.start_to_action = bundle.vpt_config.start_to_action
@@ -355,9 +357,7 @@ class Engine:
                                        image_pad_id=self.vocab.image_pad,
                                        spatial_merge_size=self.bundle.model.config.vision_config.spatial_merge_size)
         r = Request(rid, params, forced, turn, positions, name=name)
-        if params.do_sample:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            r.generator = torch.Generator(device=self.device).manual_seed(seed)
+        r.seed = params.seed if params.seed is not None else secrets.randbits(63)
         if len(r.ids) > self.limit:
             what = (f"more than max_seq_len {self.max_seq_len}" if self.limit == self.max_seq_len
                     else f"more than the KV cache holds ({self.cache.capacity})")
@@ -389,12 +389,17 @@ class Engine:
         self._running.clear()
         self._done.clear()
         self.cache.reset()
+        self._sampler.reset()
         return ids
 
     def _release(self, r: Request) -> None:
+        """Give back r's blocks and its sampling slot."""
         self.cache.release(r.blocks)
         r.blocks = []
         r.num_cached = 0
+        if r.slot is not None:
+            self._sampler.give_back(r.slot)
+            r.slot = None
 
     def _preempt(self, r: Request) -> None:
         """Free r's blocks and queue it to be recomputed from its tokens."""
@@ -473,12 +478,16 @@ class Engine:
                 break
             self._waiting.pop(0)
             r.blocks = self.cache.allocate(need)
+            r.slot = self._sampler.take(r.params, r.seed)
             r.status = Status.RUNNING
             bisect.insort(self._running, r, key=lambda x: x.id)
             jobs.append(r)
         if not jobs:
             return
         self._segments.run(jobs)
+        for r in jobs:  # their sequences changed: the repetition penalty reads them anew
+            self._sampler.fill_seen(r.slot, r.ids)
+            r.unseen = -1
         now = time.perf_counter()
         for r in jobs:
             pending = r.pending_trace
@@ -490,30 +499,21 @@ class Engine:
                 events.append(PerceptionEvent(r.id, trace))
 
     def _choose(self, ready: list[Request]) -> list[int | str]:
-        """The next token of each request: forced, sampled with its own generator, or greedy; or,
-        for a request whose logits are not finite or whose sampling fails, the message it ends
-        with (that request alone: the others' tokens do not depend on it)."""
+        """The next token of each request (forced, sampled from its own seed, or greedy: see
+        `sampler.BatchSampler`), or, for a request whose logits are not finite, the message it
+        ends with (that request alone: the others' tokens do not depend on it)."""
         scores = torch.stack([r.logits for r in ready])
-        for i, r in enumerate(ready):
+        for r, row in zip(ready, scores):
             if r.logits_log is not None:
-                r.logits_log.append(scores[i].detach().to("cpu", copy=True))
-            if r.params.repetition_penalty != 1.0:
-                seen = torch.tensor(r.ids, dtype=torch.long, device=scores.device)
-                scores[i] = penalize_repetition(scores[i], seen, r.params.repetition_penalty)
-        greedy, finite = torch.stack([scores.argmax(-1), torch.isfinite(scores).all(-1).long()]).tolist()
-        chosen: list[int | str] = list(greedy)
-        for i, r in enumerate(ready):
-            step = len(r.round_ids)
-            if not finite[i]:
-                chosen[i] = f"{r.name}: the model's logits hold NaN or infinite values; the request cannot go on"
-            elif r.round == 0 and r.forced is not None and step < len(r.forced):
-                chosen[i] = r.forced[step]
-            elif r.params.do_sample:
-                p = r.params
-                try:
-                    chosen[i] = int(sample(scores[i : i + 1], True, p.top_k, p.top_p, r.generator, p.temperature))
-                except RuntimeError as e:  # probabilities torch.multinomial refuses
-                    chosen[i] = f"{r.name}: sampling failed ({e})"
+                r.logits_log.append(row.detach().to("cpu", copy=True))
+        forced = [r.forced[len(r.round_ids)] if r.round == 0 and r.forced is not None and len(r.round_ids) < len(r.forced)
+                  else -1 for r in ready]
+        tokens, finite = self._sampler.choose(scores, [r.slot for r in ready], [len(r.generated) for r in ready], forced,
+                                              [r.unseen for r in ready])
+        chosen: list[int | str] = []
+        for r, t, ok in zip(ready, tokens, finite):
+            r.unseen = -1
+            chosen.append(t if ok else f"{r.name}: the model's logits hold NaN or infinite values; the request cannot go on")
         return chosen
 
     def _decode(self, events: list[Event]) -> None:
@@ -551,6 +551,7 @@ class Engine:
                     raise RuntimeError(f"request {r.id}: no hidden state for the token before its action token")
                 control = r.control = r.last_hidden[1]
             r.append_token(t, control)
+            r.unseen = t
             feed.append(r)
         for r in ready:
             if r.finished:  # its blocks serve the others' reservations below

@@ -162,7 +162,9 @@ class Request:
         self.params = params
         self.forced = forced
         self.status = Status.WAITING
-        self.generator: torch.Generator | None = None  # made on the model's device at admission when sampling
+        self.seed = 0  # of its sampling noise: the one given, or drawn when the request is made
+        self.slot: int | None = None  # its row in the sampler's arrays while it runs
+        self.unseen = -1  # the token fed last, not yet in the sampler's seen mask (-1: none)
         # the conversation
         self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
         # the conversation's turns; None when the prompt came as token ids that are not one
