@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 import vpt_fast.ops as ops
@@ -80,7 +81,8 @@ def main() -> int:
     blocks = engine.cache.allocate(2)
     step = engine._decoder
     args = ([5, 7], [None, bundle.model.model.language_model.embed_tokens.weight[9].detach()], [3, 4],
-            engine.cache.slots(blocks, 3, 4) + engine.cache.slots(blocks, 4, 5), [4, 5], [blocks, blocks])
+            engine.cache.slots(blocks, 3, 4) + engine.cache.slots(blocks, 4, 5), [4, 5],
+            np.array([blocks + [0] * (engine._decoder.max_blocks - 2)] * 2))
     step(*args)
     buf = step._buffers[2]
     eager_logits = buf.logits.clone()

@@ -36,7 +36,8 @@ def test_decode_step_equals_prefill_of_one_token(tiny_bundle):
         positions = [n - 1 for n in lens]
         slots = [caches[0].slots(t, n - 1, n)[0] for t, n in zip(tables, lens)]
         overrides = [None, control if it == 1 else None, None]
-        logits, hidden = step(tokens, overrides, positions, slots, lens, tables)
+        padded = np.array([t + [0] * (step.max_blocks - len(t)) for t in tables])
+        logits, hidden = step(tokens, overrides, positions, slots, lens, padded)
         embeds = runner.embed(torch.tensor(tokens))
         if overrides[1] is not None:
             embeds[1] = control

@@ -104,13 +104,17 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_in_a_batch(tiny_bundle
                             repetition_penalty=1.2, seed=1234)
     image = rand_image(60, 44, 7)
 
-    def run(engine, others: int) -> list[int]:
+    def run(engine, others: int, preempt_at: int | None = None) -> list[int]:
         rid = engine.add_request(image, "What is it?", params)
         for i in range(others):
             engine.add_request(rand_image(40 + i, 40, i), f"Question {i}?",
                                SamplingParams(max_new_tokens=12, do_sample=i % 2 == 0, seed=i, temperature=0.7))
         out = None
         while engine.has_unfinished():
+            mine = engine._requests.get(rid)
+            if preempt_at is not None and mine is not None and len(mine.generated) == preempt_at and mine.slot is not None:
+                engine._preempt(mine)  # as a full cache would: it is recomputed from its tokens later
+                preempt_at = None
             for event in engine.step():
                 if isinstance(event, FinishEvent) and event.request == rid:
                     out = event.result.token_ids
@@ -119,6 +123,6 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_in_a_batch(tiny_bundle
     alone = run(Engine(bundle), 0)
     assert run(Engine(bundle, max_batch_size=32), 31) == alone
     assert run(Engine(bundle, max_batch_size=4), 9) == alone  # joined and left by others as it runs
-    small = Engine(bundle, max_batch_size=32, kv_cache_tokens=300, block_size=8)
-    assert run(small, 31) == alone
-    assert small.num_preemptions > 0  # it was preempted and recomputed on the way
+    preempted = Engine(bundle, max_batch_size=8)
+    assert run(preempted, 7, preempt_at=4) == alone
+    assert preempted.num_preemptions == 1 and preempted.stats()["recomputed_tokens"] > 0

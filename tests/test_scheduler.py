@@ -263,3 +263,22 @@ def test_continuous_batching_on_gpu_with_graphs(tiny_ckpt, variant):
         for i, (g, w) in enumerate(zip(got, want)):
             assert_same_result(g, w, what=f"{variant} request {i}")
         assert engine.kv_blocks_used == 0
+
+
+def test_admission_keeps_room_for_the_running_requests_to_grow(tiny_bundle):
+    """24 requests whose answers of 150 tokens cannot all fit in a 2,500-token cache: admission
+    lets in only what can grow to its limit, so decoding does not preempt and recompute (it used
+    to preempt 13 times, recomputing twice the prompts' tokens)."""
+    b = tiny_bundle("region")
+    prompts = [f"Question {i}: " + "describe the picture in one sentence. " * 6 for i in range(24)]
+    engine = Engine(b, max_seq_len=512, kv_cache_tokens=2500, max_batch_size=32)
+    params = SamplingParams(max_new_tokens=150, stop_token_ids=())
+    ids = [engine.add_request(None, p, params) for p in prompts]
+    results = finish_all(engine, [])
+    stats = engine.stats()
+    assert stats["preemptions"] <= 2 and stats["recomputed_tokens"] <= 0.1 * stats["prompt_tokens"], stats
+    assert stats["prompt_tokens"] == stats["computed_prompt_tokens"] == sum(results[i].prompt_tokens for i in ids)
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+    for i in (0, 23):
+        (want,) = Engine(b, max_seq_len=512).generate([None], [prompts[i]], 150)
+        assert results[ids[i]].token_ids == want.token_ids

@@ -243,3 +243,12 @@ def test_system_prompt_turns_and_modes(tiny_bundle, client):
     (want,) = Engine(bundle).generate([image], [Conversation(conversation.turns[:-1] + (
         ("user", "Look: <image> what is it?"),), system="Answer briefly.")], 6, do_sample=True, temperature=0.8, seed=11)
     assert [s.choices[0].model_extra["vpt"]["token_ids"] for s in sampled] == [want.token_ids] * 2
+
+
+def test_metrics_carry_the_engines_counters(served):
+    base_url = served.base_url
+    assert post(base_url, {"messages": messages(rand_image(30, 30)), "max_tokens": 2, "temperature": 0}).status_code == 200
+    stats = served.engine.engine.stats()
+    for name in ("preemptions", "recomputed_tokens", "computed_prompt_tokens", "spliced_tokens"):
+        assert metric(base_url, f"vpt_fast_engine_{name}_total") == stats[name], name
+    assert stats["computed_prompt_tokens"] > 0

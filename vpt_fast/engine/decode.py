@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from .cache import PagedKVCache
@@ -28,6 +29,9 @@ class _Buffers:
         self.override = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.logits = torch.zeros(n, vocab, dtype=torch.float32, device=device)
+        # the step's inputs on the host, filled in place and copied in one go (pinned on CUDA)
+        self.host = torch.zeros(n * (5 + max_blocks), dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host_view = self.host.numpy()
 
 
 class DecodeStep:
@@ -119,25 +123,29 @@ class DecodeStep:
         buf.block_tables[start:] = 0
 
     def __call__(self, tokens: list[int], overrides: list[torch.Tensor | None], positions: list[int],
-                 slot_mapping: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                 slot_mapping: list[int], seq_lens: list[int], block_tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row: its id (or its input embedding in overrides[b]), its position, the
-        cache slot its key/value go to, its sequence's length with it and its block table.
+        cache slot its key/value go to, its sequence's length with it, and its block table (row b
+        of block_tables, (B, max_blocks); entries past the length's blocks are not read).
         Returns (logits (B, vocab) float32, final hidden states (B, H)), fresh tensors."""
         B = len(tokens)
         n = self.bucket(B)
         buf = self._buffer(n)
-        pad = n - B
-        tables = [row + [0] * (self.max_blocks - len(row)) for row in block_tables] + [[0] * self.max_blocks] * pad
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slot_mapping + [-1] * pad, seq_lens + [1] * pad,
-                             [o is not None for o in overrides] + [False] * pad], dtype=torch.long)
-        host = torch.cat([host.flatten(), torch.tensor(tables, dtype=torch.long).flatten()])
+        host = buf.host_view
+        rows = host[: 5 * n].reshape(5, n)
+        rows[0, :B], rows[1, :B], rows[2, :B], rows[3, :B] = tokens, positions, slot_mapping, seq_lens
+        rows[4, :B] = [o is not None for o in overrides]
+        rows[:, B:] = ((0,), (0,), (-1,), (1,), (0,))  # padding rows: write nowhere, read the null block
+        tables = host[5 * n:].reshape(n, self.max_blocks)
+        tables[:B] = block_tables
+        tables[B:] = 0
         for b, o in enumerate(overrides):
             if o is not None:
                 buf.override[b].copy_(o)
         graph = self._graph(buf, n) if self.use_graphs else None
-        buf.packed.copy_(host.to(self.runner.device, non_blocking=True))
+        buf.packed.copy_(buf.host, non_blocking=True)
         if graph is not None:
             graph.replay()
         else:
-            self._body(buf, max(len(row) for row in block_tables))
+            self._body(buf, -(-max(seq_lens) // self.cache.block_size))
         return buf.logits[:B].clone(), buf.hidden[:B].clone()

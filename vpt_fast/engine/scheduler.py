@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
@@ -146,6 +147,8 @@ class Engine:
                                       text.num_key_value_heads, head_dim, self.runner.dtype, self.device)
             self.limit = min(max_seq_len, self.cache.capacity)  # the most tokens one sequence can hold
             self._decoder = DecodeStep(self.runner, self.cache, self.cache.blocks_for(self.limit), self.cuda_graphs)
+            # each running request's block table, in the row of its slot (the sampler's)
+            self._tables = np.zeros((max_batch_size, self._decoder.max_blocks), dtype=np.int64)
             if self.cuda_graphs and capture_graphs == "eager":
                 self.graph_capture = GraphCapture(*self._decoder.capture(max_batch_size))
                 logger.info("captured decode graphs for batch sizes %s in %.2f s (%.1f MiB)",
@@ -164,6 +167,9 @@ class Engine:
         self._requests: dict[int, Request] = {}  # every request not yet reported finished
         self._ids = itertools.count()
         self.num_preemptions = 0  # requests preempted so far (and recomputed later)
+        self._stats = dict.fromkeys(("prompt_tokens", "computed_prompt_tokens", "spliced_tokens", "recomputed_tokens"), 0)
+        # free blocks admission keeps beyond what the running requests may still take (vLLM's 1%)
+        self._watermark = max(1, self.cache.usable_blocks // 100)
         self.dead: str | None = None  # why the engine cannot serve any more (a device failure)
         self._failed_steps = 0  # consecutive steps that raised
         self._lock = threading.Lock()
@@ -401,9 +407,24 @@ class Engine:
             self._sampler.give_back(r.slot)
             r.slot = None
 
+    def _future_blocks(self, r: Request) -> int:
+        """The blocks r holds once its current round runs to its token limit: what admission keeps
+        free for it, so that requests let in are not preempted again as they grow."""
+        left = max(r.round_limit - len(r.round_ids), 0)
+        return self.cache.blocks_for(min(len(r.ids) + left, self.limit))
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the engine was built, and its state now: prompt_tokens (round-1 prompts
+        of the requests admitted), computed_prompt_tokens (of those, the tokens prefilled),
+        spliced_tokens (perception segments prefilled), recomputed_tokens (prefilled again after
+        a preemption), preemptions, kv_blocks_used, kv_blocks_total, running, waiting."""
+        return {**self._stats, "preemptions": self.num_preemptions, "kv_blocks_used": self.kv_blocks_used,
+                "kv_blocks_total": self.kv_blocks_total, "running": self.num_running, "waiting": self.num_waiting}
+
     def _preempt(self, r: Request) -> None:
         """Free r's blocks and queue it to be recomputed from its tokens."""
         self.num_preemptions += 1
+        r.recompute = True
         self._release(r)
         r.logits = None
         r.last_hidden = None
@@ -412,16 +433,19 @@ class Engine:
         bisect.insort(self._waiting, r, key=lambda x: x.id)
 
     def _reserve(self, r: Request, tokens: int) -> bool:
-        """Blocks for r's first `tokens` tokens, preempting the youngest running requests while
-        none are free; False when r itself was the youngest and was preempted."""
+        """Blocks for r's first `tokens` tokens, preempting running requests while none are free
+        (the one with the fewest tokens first, the youngest among equals: the least to recompute);
+        False when r itself was preempted."""
         need = self.cache.blocks_for(tokens) - len(r.blocks)
         while need > self.cache.num_free:
-            victim = next(v for v in reversed(self._running) if not v.finished)
+            victim = min((v for v in self._running if not v.finished), key=lambda v: (len(v.ids), -v.id))
             self._preempt(victim)
             if victim is r:
                 return False
         if need > 0:
-            r.blocks += self.cache.allocate(need)
+            new = self.cache.allocate(need)
+            self._tables[r.slot, len(r.blocks): len(r.blocks) + need] = new
+            r.blocks += new
         return True
 
     # ------------------------------------------------------------------ one step
@@ -471,17 +495,31 @@ class Engine:
     def _prefill(self, events: list[Event]) -> None:
         jobs = [r for r in list(self._running) if r.pending and r.status is Status.RUNNING and self._reserve(r, len(r.ids))]
         jobs = [r for r in jobs if r.status is Status.RUNNING]
+        reserved = sum(self._future_blocks(r) - len(r.blocks) for r in self._running if not r.finished)
         while self._waiting and len(self._running) < self.max_batch_size:
             r = self._waiting[0]
             need = self.cache.blocks_for(len(r.ids))
-            if need > self.cache.num_free:
+            room = self.cache.num_free - (reserved + self._watermark if self._running else 0)
+            if need > self.cache.num_free or self._future_blocks(r) > room:
                 break
+            reserved += self._future_blocks(r) - need
             self._waiting.pop(0)
             r.blocks = self.cache.allocate(need)
             r.slot = self._sampler.take(r.params, r.seed)
+            self._tables[r.slot, :need] = r.blocks
             r.status = Status.RUNNING
             bisect.insort(self._running, r, key=lambda x: x.id)
             jobs.append(r)
+        for r in jobs:
+            if r.recompute:
+                self._stats["recomputed_tokens"] += r.pending
+                r.recompute = False
+            elif r.num_cached == 0 and not r.counted:
+                self._stats["prompt_tokens"] += len(r.turn.ids)
+                self._stats["computed_prompt_tokens"] += r.pending
+                r.counted = True
+            else:
+                self._stats["spliced_tokens"] += r.pending
         if not jobs:
             return
         self._segments.run(jobs)
@@ -560,16 +598,17 @@ class Engine:
         fed = [r for r in fed if r.status is Status.RUNNING]
         if not fed:
             return
-        tokens, overrides, positions, slots, lens, tables = [], [], [], [], [], []
+        tokens, overrides, positions, slots, lens = [], [], [], [], []
+        bs = self.cache.block_size
         for r in fed:
             n = len(r.ids)
             span = r.spans.get(n - 1)
             tokens.append(r.ids[-1])
             overrides.append(span[0] if span is not None else None)
-            positions.append(int(r.positions.window(n - 1, n)[0, 0]))
-            slots.append(self.cache.slots(r.blocks, n - 1, n)[0])
+            positions.append(r.positions.at(n - 1))
+            slots.append(r.blocks[(n - 1) // bs] * bs + (n - 1) % bs)
             lens.append(n)
-            tables.append(r.blocks)
+        tables = self._tables[[r.slot for r in fed]]  # rows kept as blocks are added, never rebuilt
         logits, hidden = self._decoder(tokens, overrides, positions, slots, lens, tables)
         for b, r in enumerate(fed):
             r.num_cached = len(r.ids)

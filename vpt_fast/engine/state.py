@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..sampling import SamplingParams
@@ -92,42 +93,59 @@ class Status(enum.Enum):
 
 
 class Positions:
-    """M-RoPE positions (3, n) of a growing sequence, with the running maximum each prefix reaches."""
+    """M-RoPE positions (3, n) of a growing sequence, with the running maximum each prefix
+    reaches; kept in a host array, so a decode step's text position is a plain int."""
 
     def __init__(self):
-        self._data = torch.zeros(3, 64, dtype=torch.long)
-        self._top: list[int] = []  # max position over the first i + 1 tokens
+        self._data = np.zeros((3, 64), dtype=np.int64)
+        self._top = np.zeros(64, dtype=np.int64)  # max position over the first i + 1 tokens
+        self._n = 0
 
     def __len__(self) -> int:
-        return len(self._top)
+        return self._n
 
     @property
     def next(self) -> int:
         """The position a text token appended now gets."""
-        return self._top[-1] + 1 if self._top else 0
+        return int(self._top[self._n - 1]) + 1 if self._n else 0
+
+    def _room(self, n: int) -> None:
+        if n > self._data.shape[1]:
+            size = max(2 * self._data.shape[1], n)
+            data, top = np.zeros((3, size), dtype=np.int64), np.zeros(size, dtype=np.int64)
+            data[:, : self._n], top[: self._n] = self._data[:, : self._n], self._top[: self._n]
+            self._data, self._top = data, top
 
     def extend(self, positions: torch.Tensor) -> None:
-        n, new = len(self._top), positions.shape[1]
-        if n + new > self._data.shape[1]:
-            grown = torch.zeros(3, max(2 * self._data.shape[1], n + new), dtype=torch.long)
-            grown[:, :n] = self._data[:, :n]
-            self._data = grown
-        self._data[:, n : n + new] = positions
-        top = self._top[-1] if self._top else -1
-        for m in positions.max(dim=0).values.tolist():
-            top = max(top, m)
-            self._top.append(top)
+        new = positions.shape[1]
+        if new == 0:
+            return
+        n = self._n
+        self._room(n + new)
+        values = positions.numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
+        self._data[:, n : n + new] = values
+        running = np.maximum.accumulate(values.max(axis=0))
+        self._top[n : n + new] = np.maximum(running, self._top[n - 1] if n else -1)
+        self._n = n + new
 
     def append_text(self) -> int:
         p = self.next
-        self.extend(torch.full((3, 1), p, dtype=torch.long))
+        n = self._n
+        self._room(n + 1)
+        self._data[:, n] = p
+        self._top[n] = p
+        self._n = n + 1
         return p
 
+    def at(self, i: int) -> int:
+        """The (temporal) position of text token i."""
+        return int(self._data[0, i])
+
     def truncate(self, n: int) -> None:
-        del self._top[n:]
+        self._n = min(self._n, n)
 
     def window(self, start: int, stop: int) -> torch.Tensor:
-        return self._data[:, start:stop]
+        return torch.from_numpy(self._data[:, start:stop].copy())
 
 
 @dataclass
@@ -165,6 +183,8 @@ class Request:
         self.seed = 0  # of its sampling noise: the one given, or drawn when the request is made
         self.slot: int | None = None  # its row in the sampler's arrays while it runs
         self.unseen = -1  # the token fed last, not yet in the sampler's seen mask (-1: none)
+        self.recompute = False  # preempted: its next prefill computes again what it had
+        self.counted = False  # its prompt is in the engine's stats
         # the conversation
         self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
         # the conversation's turns; None when the prompt came as token ids that are not one

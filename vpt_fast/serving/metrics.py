@@ -1,15 +1,36 @@
 """Prometheus metrics of one server (a registry of its own, so several servers in a process
 do not collide): requests by finish reason, tokens, perceptions by kind, queue depth,
-running requests, KV blocks in use, time to first token and time per output token."""
+running requests, KV blocks in use, time to first token and time per output token, and the
+engine's counters (preemptions, recomputed, prompt and spliced tokens prefilled)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from ..engine import AsyncEngine, GenerationResult
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class _EngineCounters:
+    """The engine's own counters (`Engine.stats()`), read when /metrics is scraped."""
+
+    NAMES = {"preemptions": "Requests preempted (and recomputed later)",
+             "recomputed_tokens": "Tokens prefilled again after a preemption",
+             "computed_prompt_tokens": "Prompt tokens prefilled",
+             "spliced_tokens": "Tokens of perception segments prefilled"}
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for name, help_text in self.NAMES.items():
+            family = CounterMetricFamily(f"vpt_fast_engine_{name}", help_text)
+            family.add_metric([], stats[name])
+            yield family
 
 
 class ServerMetrics:
@@ -31,6 +52,7 @@ class ServerMetrics:
         Gauge("vpt_fast_running_requests", "Requests running", registry=r).set_function(lambda: core.num_running)
         Gauge("vpt_fast_kv_blocks_used", "KV cache blocks in use", registry=r).set_function(lambda: core.kv_blocks_used)
         Gauge("vpt_fast_kv_blocks_total", "KV cache blocks", registry=r).set_function(lambda: core.kv_blocks_total)
+        r.register(_EngineCounters(core))
 
     def finished(self, result: GenerationResult, first_token_s: float | None, last_token_s: float | None) -> None:
         """Count a finished request; times in seconds from its arrival."""
