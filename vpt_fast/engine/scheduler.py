@@ -54,6 +54,7 @@ from .state import Event, FinishEvent, GenerationResult, PerceptionEvent, Percep
 
 
 DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default for chunked prefill under online serving
 logger = logging.getLogger("vpt_fast.engine")
 
 
@@ -92,14 +93,17 @@ class Engine:
     def __init__(self, bundle: VPTBundle, max_seq_len: int | None = None, max_batch_size: int = 32,
                  cuda_graphs: bool | None = None, image_pipeline: str = "pil", kv_cache_tokens: int | None = None,
                  kv_cache_gib: float | None = None, block_size: int = 16, backend: str | dict[str, str] | None = None,
-                 capture_graphs: str = "eager"):
+                 capture_graphs: str = "eager", max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS):
         """max_seq_len: the most tokens one request's sequence may hold (default: 4096, or the
         model's max_position_embeddings when smaller); max_batch_size: the most requests running
         at once (decoded together); cuda_graphs: capture decode steps as CUDA graphs (default:
         on when the model is on a CUDA device); capture_graphs: "eager" captures the graph of
         every batch-size bucket up to max_batch_size here, after the KV cache is allocated
         (`graph_capture` says what it took), "lazy" at the first step of each bucket (a pause
-        for whoever runs then); image_pipeline: "pil" resizes
+        for whoever runs then); max_num_batched_tokens: the most tokens one step computes,
+        decoded ones included (vLLM's option): a longer prompt or perception segment is
+        prefilled in chunks over several steps while the others keep decoding (None: no bound);
+        image_pipeline: "pil" resizes
         images with PIL on the host exactly as the two-round flow does, "device" uploads
         each original image once and makes every crop's patches with `ops.crop_patch_embed`
         on the model's device (within two 8-bit levels of PIL's resampling, so greedy tokens
@@ -117,8 +121,10 @@ class Engine:
         text = bundle.model.config.text_config
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, text.max_position_embeddings)
-        for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1),
-                                 ("block_size", block_size, 1)):
+        checked = [("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1)]
+        if max_num_batched_tokens is not None:
+            checked.append(("max_num_batched_tokens", max_num_batched_tokens, 1))
+        for name, value, low in checked:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if max_batch_size > BUCKETS[-1]:
@@ -136,6 +142,7 @@ class Engine:
         self.image_pipeline = image_pipeline
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.cuda_graphs = self.runner.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.vocab = bundle.vocab
         head_dim = text.hidden_size // text.num_attention_heads
@@ -511,23 +518,27 @@ class Engine:
             bisect.insort(self._running, r, key=lambda x: x.id)
             jobs.append(r)
         for r in jobs:
-            if r.recompute:
-                self._stats["recomputed_tokens"] += r.pending
+            if r.prefill_kind is None:  # what the tokens it is about to prefill count as
+                r.prefill_kind = "recomputed_tokens" if r.recompute else "spliced_tokens" if r.counted else \
+                    "computed_prompt_tokens"
+                if not r.counted:
+                    self._stats["prompt_tokens"] += len(r.turn.ids)
+                    r.counted = True
                 r.recompute = False
-            elif r.num_cached == 0 and not r.counted:
-                self._stats["prompt_tokens"] += len(r.turn.ids)
-                self._stats["computed_prompt_tokens"] += r.pending
-                r.counted = True
-            else:
-                self._stats["spliced_tokens"] += r.pending
         if not jobs:
             return
-        self._segments.run(jobs)
-        for r in jobs:  # their sequences changed: the repetition penalty reads them anew
-            self._sampler.fill_seen(r.slot, r.ids)
-            r.unseen = -1
+        decoding = sum(1 for r in self._running if not r.pending)
+        budget = None if self.max_num_batched_tokens is None else max(self.max_num_batched_tokens - decoding, 1)
+        fed = self._segments.run(jobs, budget)
         now = time.perf_counter()
         for r in jobs:
+            if r.id in fed:
+                self._stats[r.prefill_kind] += fed[r.id]
+            if r.pending:
+                continue  # a chunk of it: the rest at the next steps
+            r.prefill_kind = None
+            self._sampler.fill_seen(r.slot, r.ids)  # its sequence changed: the repetition penalty reads it anew
+            r.unseen = -1
             pending = r.pending_trace
             if pending is not None:
                 trace = PerceptionTrace(pending.kind, pending.cells, pending.boxes, pending.tokens, pending.rolled_back,

@@ -99,17 +99,21 @@ class SegmentRunner:
                 for r in group:
                     out[r.id] = r.spans[runs(r.ids, self.vocab.image_pad)[0][0]]
                 continue
-            pixels = torch.cat([r.pending_reencode.model_input for r in group]).to(self.device, self.runner.dtype)
-            feats = branch_features(self.bundle, kind, pixels)
-            for j, r in enumerate(group):
-                out[r.id] = feats[j : j + 1]
+            todo = [r for r in group if r.pending_reencode.features is None]  # a chunk before had them made
+            if todo:
+                pixels = torch.cat([r.pending_reencode.model_input for r in todo]).to(self.device, self.runner.dtype)
+                feats = branch_features(self.bundle, kind, pixels)
+                for j, r in enumerate(todo):
+                    r.pending_reencode.features = feats[j : j + 1]
+            for r in group:
+                out[r.id] = r.pending_reencode.features
         return out
 
     # ------------------------------------------------------------------ prefill
 
-    def _pieces(self, r: Request) -> list[tuple[int, int]]:
-        """Pending tokens of r cut before each action token with no input embedding yet."""
-        a, n = r.num_cached, len(r.ids)
+    def _pieces(self, r: Request, n: int) -> list[tuple[int, int]]:
+        """r's pending tokens up to index n, cut before each action token with no input embedding yet."""
+        a = r.num_cached
         cuts = [j for j in range(a, n) if r.ids[j] in self.action_ids and j not in r.spans]
         bounds = sorted({a, *cuts, n})
         return list(zip(bounds[:-1], bounds[1:]))
@@ -131,21 +135,32 @@ class SegmentRunner:
                                                   r.control if self.two_pass else None).to(self.runner.dtype)
                 r.pending_reencode = None
         embeds = self.runner.embed(torch.tensor(r.ids[a:z], device=self.device))
-        for start, span in r.spans.items():
-            if a <= start < z:
-                embeds[start - a : start - a + span.shape[0]] = span
+        for start, span in r.spans.items():  # a run may begin before the chunk or end after it
+            lo, hi = max(a, start), min(z, start + span.shape[0])
+            if lo < hi:
+                embeds[lo - a : hi - a] = span[lo - start : hi - start]
         return embeds
 
     @torch.no_grad()
-    def run(self, requests: list[Request]) -> None:
-        """Feed every pending token of these requests (each holds blocks for all its tokens).
-        Afterwards each has everything cached, its last hidden state and next-token logits."""
-        requests = [r for r in requests if r.pending]
+    def run(self, requests: list[Request], budget: int | None = None) -> dict[int, int]:
+        """Feed the pending tokens of these requests (each holds blocks for all its tokens), at
+        most `budget` tokens in all (None: no bound), in the order given: a request may get a
+        chunk of its tokens, and the rest at a later call (chunked prefill). A request whose
+        pending tokens are all in afterwards has its last hidden state and next-token logits.
+        Returns the tokens fed, by request id."""
+        stops, left = {}, budget
+        for r in requests:
+            if r.pending and (left is None or left > 0):
+                take = r.pending if left is None else min(r.pending, left)
+                stops[r.id] = r.num_cached + take
+                left = None if left is None else left - take
+        requests = [r for r in requests if r.id in stops]
         if not requests:
-            return
+            return {}
+        fed = {r.id: stops[r.id] - r.num_cached for r in requests}
         self._vision(requests)
         encoded = self._reencodes(requests)
-        pieces = {r.id: self._pieces(r) for r in requests}
+        pieces = {r.id: self._pieces(r, stops[r.id]) for r in requests}
         for step in range(max(len(p) for p in pieces.values())):
             batch = [r for r in requests if step < len(pieces[r.id])]
             spans = [pieces[r.id][step] for r in batch]
@@ -165,9 +180,10 @@ class SegmentRunner:
             for b, (r, (a, z)) in enumerate(zip(batch, spans)):
                 r.num_cached = z
                 r.last_hidden = (z - 1, last[b])
-                if step == len(pieces[r.id]) - 1:
+                if z == len(r.ids):
                     done.append(b)
             if done:
                 logits = self.runner.logits(last[done])
                 for row, b in zip(logits, done):
                     batch[b].logits = row
+        return fed

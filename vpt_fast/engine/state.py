@@ -154,6 +154,7 @@ class PendingReencode:
 
     kind: str
     model_input: Any
+    features: Any = None  # the branch's output once computed (a chunked prefill may reach the pads later)
 
 
 @dataclass
@@ -185,6 +186,7 @@ class Request:
         self.unseen = -1  # the token fed last, not yet in the sampler's seen mask (-1: none)
         self.recompute = False  # preempted: its next prefill computes again what it had
         self.counted = False  # its prompt is in the engine's stats
+        self.prefill_kind: str | None = None  # the stats counter its prefill in progress adds to
         # the conversation
         self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
         # the conversation's turns; None when the prompt came as token ids that are not one
