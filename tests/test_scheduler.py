@@ -190,9 +190,9 @@ def test_a_request_larger_than_the_whole_cache_ends_with_length(tiny_bundle):
     grow = engine.add_request(small[0], small[1], SamplingParams(max_new_tokens=200), toks(tok, "The answer is red. " * 12))
     ok = engine.add_request(*small)
     results = finish_all(engine)
-    assert results[big].finish_reason == "length" and "more than the KV cache holds (64)" in results[big].error
+    assert results[big].finish_reason == "length" and "more than what the KV cache holds (64 tokens)" in results[big].error
     assert results[big].token_ids == []
-    assert results[crop].finish_reason == "no_room" and "the KV cache holds 64" in results[crop].error
+    assert results[crop].finish_reason == "no_room" and "more than what the KV cache holds (64 tokens)" in results[crop].error
     assert results[grow].finish_reason == "length" and "what the KV cache holds (64 tokens)" in results[grow].error
     assert results[ok].finish_reason in ("stop", "length") and results[ok].error is None
     assert_same_result(results[ok], alone(b, [small])[0])

@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--protect-metrics", action="store_true", help="put /metrics behind the API key too")
     serve.add_argument("--max-batch-size", type=_at_least(1), default=32)
     serve.add_argument("--max-seq-len", type=_at_least(2), default=None, help=MAX_SEQ_LEN_HELP)
+    serve.add_argument("--max-num-batched-tokens", type=_at_least(1), default=None,
+                       help="the most tokens one engine step computes; longer prefills are chunked (vLLM's option; "
+                            "default: the engine's, 2048)")
     serve.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")
     serve.add_argument("--default-max-tokens", type=_at_least(1), default=256,
                        help="the token limit of a round when a request gives none")

@@ -164,7 +164,7 @@ class AsyncEngine:
         with self._cond:
             if len(self._inbox) + self._waiting >= self.max_queue:
                 raise QueueFull(f"the waiting queue is full ({self.max_queue} requests): retry later")
-        request = self.engine._prepare(image, prompt, params, forced_tokens)
+        request = self.engine.prepare(image, prompt, params, forced_tokens)
         if strict and request.finished:
             raise RequestRejected(request.finish_reason, request.error)
         handle = RequestHandle(self, request.id)
@@ -301,17 +301,15 @@ class AsyncEngine:
         """Hand the new requests and aborts to the engine, run one step, deliver its events."""
         engine = self.engine
         try:
-            with engine._one_call():
-                for request in inbox:
-                    engine._enqueue(request)
-                for request_id in aborts:
-                    engine._abort(request_id)
-                events = engine._step() if engine.has_unfinished() else []
-                waiting = engine.num_waiting
+            for request in inbox:
+                engine.add_prepared(request)
+            for request_id in aborts:
+                engine.abort(request_id)
+            events = engine.step() if engine.has_unfinished() else []
+            waiting = engine.num_waiting
         except Exception as e:  # outside a step (which ends its own requests): end everything, go on
             logger.exception("vpt_fast engine loop failed")
-            with engine._one_call():
-                lost = engine._drop_all()
+            lost = engine.clear()
             events = [FinishEvent(rid, GenerationResult([], [], [], "", "error", error=f"engine failure: {e}"))
                       for rid in lost]
             waiting = 0

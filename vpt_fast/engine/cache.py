@@ -11,6 +11,8 @@ stays zero).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -72,3 +74,21 @@ class PagedKVCache:
         """Flat slots of sequence positions start .. stop - 1 of a request holding `blocks`."""
         bs = self.block_size
         return [blocks[i // bs] * bs + i % bs for i in range(start, stop)]
+
+
+@dataclass(frozen=True)
+class SequenceBound:
+    """The most tokens one sequence may hold: max_seq_len, or what the whole KV cache holds when
+    that is less; str() names it for messages."""
+
+    max_seq_len: int
+    capacity: int
+
+    @property
+    def tokens(self) -> int:
+        return min(self.max_seq_len, self.capacity)
+
+    def __str__(self) -> str:
+        if self.tokens == self.max_seq_len:
+            return f"max_seq_len {self.max_seq_len}"
+        return f"what the KV cache holds ({self.capacity} tokens)"

@@ -44,7 +44,7 @@ from ..ops import mrope_positions, set_backend
 from ..ops._registry import device_guard
 from ..prompt import body_of, first_turn, special_token_pattern
 from ..sampling import SamplingParams, check_batch, check_forced
-from .cache import PagedKVCache
+from .cache import PagedKVCache, SequenceBound
 from .decode import BUCKETS, DecodeStep
 from .runner import Runner
 from .sampler import BatchSampler
@@ -152,7 +152,8 @@ class Engine:
         with device_guard(self.device):
             self.cache = PagedKVCache(text.num_hidden_layers, -(-tokens // block_size) + 1, block_size,
                                       text.num_key_value_heads, head_dim, self.runner.dtype, self.device)
-            self.limit = min(max_seq_len, self.cache.capacity)  # the most tokens one sequence can hold
+            self.bound = SequenceBound(max_seq_len, self.cache.capacity)
+            self.limit = self.bound.tokens  # the most tokens one sequence can hold
             self._decoder = DecodeStep(self.runner, self.cache, self.cache.blocks_for(self.limit), self.cuda_graphs)
             # each running request's block table, in the row of its slot (the sampler's)
             self._tables = np.zeros((max_batch_size, self._decoder.max_blocks), dtype=np.int64)
@@ -162,7 +163,7 @@ class Engine:
                             self.graph_capture.buckets, self.graph_capture.seconds, self.graph_capture.bytes / 2**20)
         self._segments = SegmentRunner(bundle, self.runner, self.cache, image_pipeline)
         self._sampler = BatchSampler(max_batch_size, self.runner.lm_head.weight.shape[0], self.device)
-        self._splicer = Splicer(bundle, self.cache, max_seq_len)
+        self._splicer = Splicer(bundle, self.cache, self.bound, self._shrink)
         self.two_pass = bundle.vpt_config.two_pass
         self.start_to_action = bundle.vpt_config.start_to_action
         self.action_ids = set(self.start_to_action.values())
@@ -227,6 +228,26 @@ class Engine:
         next step. False when it is unknown or already finished."""
         with self._one_call():
             return self._abort(request_id)
+
+    def prepare(self, image, prompt, params: SamplingParams | None = None, forced_tokens=None) -> Request:
+        """A request checked, loaded and encoded, not yet queued (`add_prepared` queues it). It
+        touches no scheduling state, so any thread may call it while the engine runs: a server
+        prepares requests in the threads that receive them. One that fails its checks comes back
+        finished, with its reason and message."""
+        return self._prepare(image, prompt, params, forced_tokens)
+
+    def add_prepared(self, request: Request) -> int:
+        """Queue a request made by `prepare`; its id."""
+        with self._one_call():
+            self.check_alive()
+            self._enqueue(request)
+            return request.id
+
+    def clear(self) -> list[int]:
+        """Forget every request in flight without reporting them (after a failure outside a step,
+        when their state cannot be trusted); their ids."""
+        with self._one_call():
+            return self._drop_all()
 
     # ------------------------------------------------------------------ batch API
 
@@ -372,9 +393,7 @@ class Engine:
         r = Request(rid, params, forced, turn, positions, name=name)
         r.seed = params.seed if params.seed is not None else secrets.randbits(63)
         if len(r.ids) > self.limit:
-            what = (f"more than max_seq_len {self.max_seq_len}" if self.limit == self.max_seq_len
-                    else f"more than the KV cache holds ({self.cache.capacity})")
-            r.finish("length", f"{name}: the prompt has {len(r.ids)} tokens, {what}")
+            r.finish("length", f"{name}: the prompt has {len(r.ids)} tokens, more than {self.bound}")
         return r
 
     def _enqueue(self, r: Request) -> None:
@@ -404,6 +423,11 @@ class Engine:
         self.cache.reset()
         self._sampler.reset()
         return ids
+
+    def _shrink(self, r: Request, keep: int) -> None:
+        """Give back r's blocks past its first `keep` (a rollback)."""
+        self.cache.release(r.blocks[keep:])
+        del r.blocks[keep:]
 
     def _release(self, r: Request) -> None:
         """Give back r's blocks and its sampling slot."""
@@ -590,15 +614,11 @@ class Engine:
                 continue
             if len(r.ids) >= self.limit:
                 r.tail = [t]
-                what = f"max_seq_len ({self.max_seq_len})" if self.limit == self.max_seq_len else \
-                    f"what the KV cache holds ({self.cache.capacity} tokens)"
-                r.finish("length", f"{r.name}: the sequence reached {what}")
+                r.finish("length", f"{r.name}: the sequence reached {self.bound}")
                 continue
             control = None
             if self.two_pass and t in self.action_ids:
-                if r.last_hidden is None or r.last_hidden[0] != len(r.ids) - 1:
-                    raise RuntimeError(f"request {r.id}: no hidden state for the token before its action token")
-                control = r.control = r.last_hidden[1]
+                control = r.control = r.control_before(len(r.ids))
             r.append_token(t, control)
             r.unseen = t
             feed.append(r)

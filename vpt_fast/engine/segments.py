@@ -122,9 +122,7 @@ class SegmentRunner:
         """Input embeddings of r's tokens a .. z - 1, settling the control vector and re-encoded
         features that become known at this piece."""
         if self.two_pass and r.ids[a] in self.action_ids and a not in r.spans:
-            if r.last_hidden is None or r.last_hidden[0] != a - 1:
-                raise RuntimeError(f"request {r.id}: no hidden state for the token before the action at {a}")
-            r.control = r.last_hidden[1]
+            r.control = r.control_before(a)
             r.spans[a] = r.control[None]
         if r.pending_reencode is not None:
             pad = self.vocab.actions[r.pending_reencode.kind].pad

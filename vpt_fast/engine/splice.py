@@ -15,15 +15,18 @@ from ..checkpoint import VPTBundle
 from ..ops import mrope_positions
 from ..perception import plan_perception, unsupported_message
 from ..prompt import body_of, conversation, encode
-from .cache import PagedKVCache
+from .cache import PagedKVCache, SequenceBound
 from .state import PendingReencode, PendingTrace, Request, back_out_of_runs, longest_common_prefix, runs
 
 
 class Splicer:
-    def __init__(self, bundle: VPTBundle, cache: PagedKVCache, max_seq_len: int):
+    def __init__(self, bundle: VPTBundle, cache: PagedKVCache, bound: SequenceBound, shrink):
+        """bound: the most tokens a sequence may hold; shrink(r, keep): give back r's blocks past
+        its first `keep` (the engine owns the blocks)."""
         self.bundle = bundle
         self.cache = cache
-        self.max_seq_len = max_seq_len
+        self.bound = bound
+        self.shrink = shrink
         self.vocab = bundle.vocab
         self.reencode_pads = {a.pad for a in self.vocab.actions.values()}
         self.run_tokens = {self.vocab.image_pad, *self.reencode_pads}
@@ -32,9 +35,7 @@ class Splicer:
     def rollback(self, r: Request, length: int) -> None:
         """Forget r's tokens from `length` on and give back the blocks past them."""
         r.truncate(length)
-        keep = self.cache.blocks_for(length)
-        self.cache.release(r.blocks[keep:])
-        del r.blocks[keep:]
+        self.shrink(r, self.cache.blocks_for(length))
 
     def close_round(self, r: Request, reason: str) -> None:
         """End r's round ("stop" or "length"): finish it, or append its next perception segment."""
@@ -64,11 +65,9 @@ class Splicer:
 
         new_ids = encode(self.bundle.tokenizer, conversation(r.turns + plan.turns, r.turn.system))
         keep = back_out_of_runs(new_ids, longest_common_prefix(r.ids, new_ids), self.run_tokens)
-        limit = min(self.max_seq_len, self.cache.capacity)
-        if len(new_ids) > limit:
-            what = f"max_seq_len is {self.max_seq_len}" if limit == self.max_seq_len else f"the KV cache holds {limit}"
+        if len(new_ids) > self.bound.tokens:
             r.finish("no_room", f"request {r.id}: the perception segment needs {len(new_ids) - keep} tokens after "
-                                f"position {keep} ({len(new_ids)} in all); {what}")
+                                f"position {keep} ({len(new_ids)} in all), more than {self.bound}")
             return
         if any(t in self.reencode_pads for t in r.ids[keep:]):
             raise RuntimeError(f"request {r.id}: a rollback reached an earlier re-encoded image")

@@ -253,6 +253,13 @@ class Request:
         if self.last_hidden is not None and self.last_hidden[0] >= length:
             self.last_hidden = None
 
+    def control_before(self, index: int) -> torch.Tensor:
+        """The control vector of the action token at `index` (docs/vpt.md §5): the final hidden
+        state of the token before it, which the engine has from feeding that token."""
+        if self.last_hidden is None or self.last_hidden[0] != index - 1:
+            raise RuntimeError(f"request {self.id}: no hidden state for the token before the action token at {index}")
+        return self.last_hidden[1]
+
     @property
     def pending(self) -> int:
         return len(self.ids) - self.num_cached
