@@ -1,5 +1,7 @@
 """Run as a script in a fresh process (tests/test_compile.py): torch.compile(fullgraph=True) of every
-public op and of the engine's decode step, each compared with its eager result."""
+public op and of the engine's decode step, each compared with its eager result. The first
+argument names the device ("cpu" by default; "cuda" compiles the backend chosen there, e.g. the
+Triton kernels with VPT_FAST_BACKEND=triton)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ import torch
 
 import vpt_fast.ops as ops
 from vpt_fast.preprocess import CLIP_MEAN, CLIP_STD
+
+
+DEVICE = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+
+
+def on(*tensors):
+    """The tensors on DEVICE (made on the CPU with its seeded generators)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
 
 
 def compiled_equals_eager(name, fn, make_args, atol=1e-5):
@@ -30,7 +41,7 @@ def paged(lens, block_size=4, kv_heads=2, dim=16, seed=0):
     v = torch.randn(sum(need) + 1, block_size, kv_heads, dim, generator=g)
     order = (torch.randperm(sum(need), generator=g) + 1).tolist()
     tables = [[order.pop() for _ in range(m)] + [0] * (max(need) - m) for m in need]
-    return k, v, torch.tensor(tables), torch.tensor(lens)
+    return on(k, v, torch.tensor(tables), torch.tensor(lens))
 
 
 def main() -> int:
@@ -39,8 +50,8 @@ def main() -> int:
     def splice_args():
         gen = torch.Generator().manual_seed(1)
         k, v = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
-        return (k, v, torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8), torch.tensor([0, 1, 5, -1, 9]),
-                torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen))
+        return on(k, v, torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8), torch.tensor([0, 1, 5, -1, 9]),
+                  torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen))
 
     def splice(k, v, kc, vc, slots, cos, sin):
         ops.kv_splice(k * 2, v, kc, vc, slots, cos, sin)
@@ -49,22 +60,22 @@ def main() -> int:
     compiled_equals_eager("kv_splice", splice, splice_args)
 
     k, v, tables, lens = paged([3, 9])
-    q, cos, sin = torch.randn(2, 4, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    q, cos, sin = on(torch.randn(2, 4, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g))
     compiled_equals_eager("decode_attention", lambda *a: ops.decode_attention(*a, 0.25, cos, sin),
                           lambda: (q, k, v, tables, lens))
-    qp, cu = torch.randn(7, 4, 16, generator=g), torch.tensor([0, 3, 7])
+    qp, cu = on(torch.randn(7, 4, 16, generator=g), torch.tensor([0, 3, 7]))
     compiled_equals_eager("prefill_attention", lambda *a: ops.prefill_attention(*a, 0.25, max_new=4),
                           lambda: (qp, k, v, tables, lens, cu))
-    x, r, w = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g), torch.randn(32, generator=g)
+    x, r, w = on(torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g), torch.randn(32, generator=g))
     compiled_equals_eager("add_rms_norm", lambda *a: ops.add_rms_norm(*a, 1e-6), lambda: (x, r, w))
     compiled_equals_eager("rms_norm", lambda x, w: ops.add_rms_norm(x, None, w, 1e-6)[1], lambda: (x, w))
     compiled_equals_eager("silu_mul", ops.silu_mul, lambda: (x, r))
-    image = torch.randint(0, 256, (30, 70, 3), dtype=torch.uint8, generator=g)
-    tables_rows = ops.resample_tables(30, 70, (2, 1, 69, 30), (28, 56))
-    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    image = on(torch.randint(0, 256, (30, 70, 3), dtype=torch.uint8, generator=g))
+    tables_rows = ops.resample_tables(30, 70, (2, 1, 69, 30), (28, 56), device=DEVICE)
+    mean, std = on(torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD))
     compiled_equals_eager("crop_patch_rows", lambda im: ops.crop_patch_rows(im, *tables_rows, mean, std, 14, 2),
                           lambda: (image,))
-    weight = torch.randn(8, 3, 2, 14, 14, generator=g)
+    weight = on(torch.randn(8, 3, 2, 14, 14, generator=g))
     compiled_equals_eager("crop_patch_embed", lambda im, w: ops.crop_patch_embed(im, (2, 1, 69, 30), (28, 56), weight=w),
                           lambda: (image, weight), atol=1e-4)
 
@@ -76,8 +87,8 @@ def main() -> int:
     from vpt_fast.tiny import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
-        bundle = load_vpt_checkpoint(make_tiny_checkpoint(folder, "clip"))
-    engine = Engine(bundle, kv_cache_tokens=256)
+        bundle = load_vpt_checkpoint(make_tiny_checkpoint(folder, "clip"), device=DEVICE)
+    engine = Engine(bundle, kv_cache_tokens=256, cuda_graphs=False)
     blocks = engine.cache.allocate(2)
     step = engine._decoder
     args = ([5, 7], [None, bundle.model.model.language_model.embed_tokens.weight[9].detach()], [3, 4],

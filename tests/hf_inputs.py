@@ -1,12 +1,12 @@
 """What a transformers Qwen2-VL processor returns, made with transformers' own parts.
 
 `Qwen2VLProcessor` cannot be built where torchvision is missing (its video half needs it),
-as in this CI. `HFInputs` does what its `__call__` does, with transformers' tokenizer and
+as in this CI (transformers refuses a processor without its video processor). `HFInputs`
+does what its `__call__` and `apply_chat_template` do, with transformers' tokenizer and
 its PIL image processor (`Qwen2VLImageProcessorPil`): the image processor makes
 `pixel_values` and `image_grid_thw`, each `<|image_pad|>` of the text is expanded to its
 image's token count, the tokenizer pads the batch, and `mm_token_type_ids` marks the image
-tokens (1) as the processor's `create_mm_token_type_ids` does. Where torchvision is
-installed, `real_processor` gives the processor itself.
+tokens (1) as the processor's `create_mm_token_type_ids` does.
 """
 
 from __future__ import annotations
@@ -57,9 +57,15 @@ class HFInputs:
         """As `processor.apply_chat_template(..., tokenize=True, return_dict=True)`."""
         return self([self.template(c) for c in conversations], images, padding_side)
 
+    def apply_chat_template(self, conversations, *, tokenize: bool, add_generation_prompt: bool, return_dict: bool,
+                            return_tensors: str, padding: bool):
+        """The processor's own call, as the README's example makes it: the images are the
+        {"type": "image", "image": PIL} parts of the messages, in order."""
+        from transformers import BatchFeature
 
-def real_processor(folder: Path):
-    """transformers' AutoProcessor for a tiny checkpoint (needs torchvision)."""
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        assert tokenize and add_generation_prompt and return_dict and return_tensors == "pt" and padding
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        images = [part["image"] for conv in conversations for m in conv if isinstance(m["content"], list)
+                  for part in m["content"] if part.get("type") == "image"]
+        return BatchFeature(self.chat(conversations, images or None, self.tokenizer.padding_side))

@@ -6,10 +6,11 @@ transformers' generate with a warning. `Engine.chat` answers chat messages."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from hf_inputs import HFInputs, real_processor
+from hf_inputs import HFInputs
 from vpt_cases import rand_image, region, toks
 
 import vpt_fast
@@ -17,6 +18,7 @@ from vpt_fast import spec
 from vpt_fast.engine import Engine
 from vpt_fast.reference import two_round_generate
 
+REPO = Path(__file__).resolve().parents[1]
 QWEN = "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration"
 
 
@@ -304,21 +306,40 @@ def test_a_raw_prompt_on_a_vpt_model_runs_until_it_asks_to_look(tiny_ckpt, tiny_
         vpt_fast.restore(bundle.model)
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("torchvision"), reason="Qwen2VLProcessor needs torchvision")
-def test_the_real_processor(tiny_ckpt, plain):
-    model, _ = plain
-    processor = real_processor(tiny_ckpt("plain"))
-    processor.tokenizer.padding_side = "left"
-    convs = [[{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "Hi?"}]}],
-             [{"role": "user", "content": [{"type": "text", "text": "Hello?"}]}]]
-    x = processor.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                      return_tensors="pt", padding=True)
-    want = stock_generate(model, **x, max_new_tokens=8)
-    vpt_fast.accelerate(model, processor)
-    try:
-        assert torch.equal(model.generate(**x, max_new_tokens=8), want)
-    finally:
-        vpt_fast.restore(model)
+def readme_example() -> str:
+    """The README's drop-in example, as it is printed there."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("One line makes transformers' `generate` run on the engine:")
+    block = text[text.index("```python\n", start) + len("```python\n"):]
+    return block[: block.index("```")]
+
+
+def test_the_readme_example_runs_as_written(tiny_ckpt):
+    """The README's example, run line for line on the tiny stock Qwen2-VL (float32, CPU): the
+    path becomes the tiny checkpoint, the processor the stand-in of hf_inputs (transformers
+    cannot build Qwen2VLProcessor without torchvision), and the output is transformers' own."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = str(tiny_ckpt("plain"))
+    code = readme_example()
+    for old, new in (('"/path/to/Qwen2-VL-2B-Instruct"', "FOLDER"), ('dtype="bfloat16").cuda()', 'dtype="float32")'),
+                     ('.to("cuda")', '.to("cpu")'), ("AutoProcessor.from_pretrained(FOLDER)", "HFInputs(FOLDER)"),
+                     ("\nvpt_fast.last_results(model)", "\nresults = vpt_fast.last_results(model)")):
+        assert old in code, f"the README example no longer holds {old!r}"
+        code = code.replace(old, new)
+    messages = [[{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "Hi?"}]}],
+                [{"role": "user", "content": [{"type": "text", "text": "Hello?"}]}]]
+    scope = {"FOLDER": folder, "HFInputs": HFInputs, "messages": messages}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, inputs, out, results = scope["model"], scope["inputs"], scope["out"], scope["results"]
+    assert "generate" not in model.__dict__  # restored at the end
+    fresh = Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    width = inputs["input_ids"].shape[1]
+    for i, conv in enumerate(messages):  # the tokenizer pads on the right: each row as its prompt alone
+        alone = HFInputs(folder).chat([conv], [IMAGES[0]] if i == 0 else None)
+        want = stock_generate(fresh, **alone, max_new_tokens=64)[0, alone["input_ids"].shape[1]:].tolist()
+        assert out[i, width: width + len(want)].tolist() == want, f"sample {i}"
+        assert results[i].token_ids == want[: len(results[i].token_ids)]
 
 
 @pytest.mark.gpu

@@ -30,7 +30,7 @@ class SamplingParams:
     after a perception. Greedy unless do_sample; then temperature (a positive value below
     MIN_TEMPERATURE is raised to it with a warning, as vLLM does), top_k and top_p shape the
     distribution (in that order, as transformers applies them) and `seed` seeds the request's
-    own generator, so its tokens do not depend on what else is batched (None: a fresh seed).
+    own sampling noise, so its tokens do not depend on what else is batched (None: a fresh seed).
     max_perception_rounds: how many perceptions the request may make (1, as the published
     flow). return_logits keeps the logits behind every generated token (before any penalty).
     repetition_penalty: transformers' rule, before the rest: the logit of every token already

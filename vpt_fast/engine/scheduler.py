@@ -16,9 +16,12 @@ Requests join and leave at every step. One `step()`:
    graph per batch-size bucket); a request whose round ends gets its perception spliced
    in (prefilled at the next step) or finishes;
 3. retires finished requests, giving their blocks back.
-When a running request needs a block and none is free, the youngest running request is
-preempted: its blocks are freed and it waits to be recomputed from its tokens, with the
-same inputs, so its result does not change. Nothing is lost and nothing crashes: a
+Admission keeps room for the running requests to reach their rounds' token limits, so
+growth alone does not preempt; when a running request still needs a block and none is free
+(a perception segment longer than foreseen), the running request with the least to
+recompute is preempted: its blocks are freed and it waits to be recomputed from its
+tokens, with the same inputs, so its result does not change. Prefill is chunked under a
+per-step token budget (`max_num_batched_tokens`). Nothing is lost and nothing crashes: a
 request that alone exceeds the cache or `max_seq_len` ends with `length` (or `no_room`
 for a perception segment) and a message.
 """
@@ -272,7 +275,7 @@ class Engine:
         images / prompts / forced_tokens: one image (path or PIL) and one prompt (at most one
         `<image>`) per request; forced_tokens[i] scripts the first round-1 tokens of request
         i. The other arguments make one `SamplingParams` for every request (each sampled
-        request has its own generator seeded with `seed`). A request whose image, prompt or
+        request's noise comes from `seed`: see `sampler`). A request whose image, prompt or
         forced tokens are unusable finishes with reason "error" and its message; the others
         go on. The engine must have no request of the step API in flight.
         """
