@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from serving_cases import HEADER_TIMEOUT, KEY, data_url, messages, post
+from serving_cases import HEADER_TIMEOUT, KEY, messages, post
 from vpt_cases import rand_image
 
 pytest.importorskip("fastapi")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import re
 import threading
 import time
@@ -14,12 +13,11 @@ import time
 import httpx
 import pytest
 from serving_cases import KEY, MODEL, bomb_png, data_url, messages, metric, post
-from vpt_cases import action, assert_same_result, rand_image, region, toks
+from vpt_cases import action, rand_image, region, toks
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from vpt_fast import SamplingParams  # noqa: E402
 from vpt_fast.engine import AsyncEngine, Engine  # noqa: E402
 from vpt_fast.serving.app import ServeConfig, build_app  # noqa: E402
 

@@ -32,7 +32,6 @@ import bisect
 import dataclasses
 import itertools
 import logging
-import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -43,16 +42,16 @@ import numpy as np
 import torch
 
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
-from ..ops import mrope_positions, set_backend
+from ..ops import set_backend
 from ..ops._registry import device_guard
-from ..prompt import body_of, first_turn, special_token_pattern
-from ..sampling import SamplingParams, check_batch, check_forced
+from ..sampling import SamplingParams, check_batch
 from .cache import PagedKVCache, SequenceBound
 from .decode import BUCKETS, DecodeStep
 from .runner import Runner
 from .sampler import BatchSampler
 from .segments import SegmentRunner
 from .splice import Splicer
+from .requests import RequestIntake, result_of
 from .state import Event, FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, Request, Status, TokenEvent
 
 
@@ -170,8 +169,7 @@ class Engine:
         self.two_pass = bundle.vpt_config.two_pass
         self.start_to_action = bundle.vpt_config.start_to_action
         self.action_ids = set(self.start_to_action.values())
-        self._specials = special_token_pattern(bundle.tokenizer)
-        self._vocab_size = text.vocab_size
+        self._intake = RequestIntake(bundle, self.bound)
         self._waiting: list[Request] = []  # by arrival
         self._running: list[Request] = []  # by arrival
         self._done: list[Request] = []  # finished outside a step (failed checks, aborted): reported by the next step
@@ -376,28 +374,7 @@ class Engine:
         return r.id
 
     def _prepare(self, image, prompt, params, forced_tokens, name: str | None = None) -> Request:
-        """A checked request, loaded and encoded; touches no scheduling state, so it may run in
-        any thread (the async front prepares requests in the submitting thread)."""
-        if params is None:
-            params = SamplingParams()
-        elif not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        rid = next(self._ids)
-        name = name or f"request {rid}"
-        try:
-            forced = check_forced(forced_tokens, self._vocab_size)
-            turn = first_turn(self.bundle, image, prompt, self._specials)
-        except (OSError, ValueError, TypeError) as e:
-            return Request(rid, params, None, name=name, error=f"{name}: {e}")
-        grids = [self.bundle.processor.grid_thw(turn.first)] if turn.first is not None else []
-        positions, _ = mrope_positions(turn.ids, 0, grids,
-                                       image_pad_id=self.vocab.image_pad,
-                                       spatial_merge_size=self.bundle.model.config.vision_config.spatial_merge_size)
-        r = Request(rid, params, forced, turn, positions, name=name)
-        r.seed = params.seed if params.seed is not None else secrets.randbits(63)
-        if len(r.ids) > self.limit:
-            r.finish("length", f"{name}: the prompt has {len(r.ids)} tokens, more than {self.bound}")
-        return r
+        return self._intake.make(next(self._ids), image, prompt, params, forced_tokens, name)
 
     def _enqueue(self, r: Request) -> None:
         self._requests[r.id] = r
@@ -658,21 +635,9 @@ class Engine:
             self._release(r)
             r.status = Status.FINISHED
             del self._requests[r.id]
-            events.append(FinishEvent(r.id, self._result(r)))
+            events.append(FinishEvent(r.id, result_of(r, self.bundle.tokenizer, self.vocab.im_end)))
 
     # ------------------------------------------------------------------ results
-
-    def _result(self, r: Request) -> GenerationResult:
-        tok, eos = self.bundle.tokenizer, self.vocab.im_end
-        # a round cut short (a full sequence, an abort) has its ids in round_ids still
-        round1 = r.round1_ids + (r.round_ids if r.round == 0 else [])
-        answer = (r.round_ids or r.answer_ids) if r.round > 0 else []
-        shown = answer if r.round > 0 else round1
-        text = tok.decode(body_of(shown, eos), skip_special_tokens=True)
-        return GenerationResult(token_ids=list(r.generated), round1_ids=list(round1), answer_ids=list(answer), text=text,
-                                finish_reason=r.finish_reason or "length", trace=list(r.trace), perception=r.perception,
-                                error=r.error, logits=r.logits_log, prompt_tokens=len(r.turn.ids) if r.turn else 0,
-                                sequence_ids=r.ids + r.tail if r.turn else [])
 
 
 def _cache_tokens(tokens: int | None, gib: float | None, max_seq_len: int, max_batch_size: int, per_token: int) -> int:
