@@ -7,7 +7,8 @@ taken over steps that only decode (no admission, no request leaving), greedy and
 token per sequence over a DynamicCache of the same prompts (what a step of its generate runs
 before its own sampling). The per-extra-request cost is the least-squares slope of the time
 over B; on a GPU, where the model's own work barely grows with B at these sizes, it is the
-host's work per request.
+host's work per request. The last columns replay the model's decode outputs instead of
+computing them, so that on the CPU too they show the host's work (and the sampling) alone.
 
     python benchmarks/host_overhead.py --device cpu --threads 1        # the tiny model, one thread
     python benchmarks/host_overhead.py --shape 2b                      # a GPU, 2B shapes, bf16
@@ -43,10 +44,21 @@ def bundle_for(shape: str, device: torch.device):
     return build_bundle(shape, "clip", torch.bfloat16, device)
 
 
-def engine_step_ms(bundle, batch: int, sampled: bool, steps: int) -> float:
-    """Median ms of `Engine.step()` over steps where `batch` requests only decode."""
+def engine_step_ms(bundle, batch: int, sampled: bool, steps: int, host_only: bool = False) -> float:
+    """Median ms of `Engine.step()` over steps where `batch` requests only decode. host_only: the
+    model's decode step is replaced by its first outputs, replayed (the rest of the step, the
+    sampler included, runs as it is): what is left is the host's work and the sampling."""
     engine = Engine(bundle, max_seq_len=1024, max_batch_size=batch, kv_cache_tokens=1024 * batch)
     device = engine.device
+    if host_only:
+        real, outputs = engine._decoder, {}
+
+        def replayed(tokens, *rest):
+            if len(tokens) not in outputs:
+                outputs[len(tokens)] = real(tokens, *rest)
+            return tuple(t.clone() for t in outputs[len(tokens)])
+
+        engine._decoder = replayed
     n = 0
 
     def params():
@@ -117,21 +129,26 @@ def main(argv=None) -> None:
     for b in args.batches:
         row = {"batch": b, "hf_forward_ms": hf_forward_ms(bundle, b, args.steps),
                "step_greedy_ms": engine_step_ms(bundle, b, False, args.steps),
-               "step_sampled_ms": engine_step_ms(bundle, b, True, args.steps)}
+               "step_sampled_ms": engine_step_ms(bundle, b, True, args.steps),
+               "host_greedy_ms": engine_step_ms(bundle, b, False, args.steps, host_only=True),
+               "host_sampled_ms": engine_step_ms(bundle, b, True, args.steps, host_only=True)}
         row["greedy_vs_hf"] = row["step_greedy_ms"] / row["hf_forward_ms"]
         rows.append(row)
         print(row, flush=True)
     xs = [r["batch"] for r in rows]
     per = {k: 1e3 * slope(xs, [r[k] for r in rows]) if len(rows) > 1 else None
-           for k in ("hf_forward_ms", "step_greedy_ms", "step_sampled_ms")}
+           for k in ("hf_forward_ms", "step_greedy_ms", "step_sampled_ms", "host_greedy_ms", "host_sampled_ms")}
     env = environment(device)
     env.update(shape=args.shape, per_extra_request_us=per)
     summary = (f"Per extra request (slope over B): transformers' forward {per['hf_forward_ms']:.1f} us, engine step "
-               f"greedy {per['step_greedy_ms']:.1f} us, sampled {per['step_sampled_ms']:.1f} us"
+               f"greedy {per['step_greedy_ms']:.1f} us, sampled {per['step_sampled_ms']:.1f} us; without the model's "
+               f"step: greedy {per['host_greedy_ms']:.1f} us, sampled {per['host_sampled_ms']:.1f} us"
                if len(rows) > 1 else "")
     markdown = table(rows, [("batch", "B"), ("hf_forward_ms", "transformers forward (ms)"),
                             ("step_greedy_ms", "engine step, greedy (ms)"),
-                            ("step_sampled_ms", "engine step, sampled (ms)"), ("greedy_vs_hf", "greedy / forward")])
+                            ("step_sampled_ms", "engine step, sampled (ms)"), ("greedy_vs_hf", "greedy / forward"),
+                            ("host_greedy_ms", "without the model, greedy (ms)"),
+                            ("host_sampled_ms", "without the model, sampled (ms)")])
     print(f"card: {env['card']}\n{markdown}\n{summary}")
     write_results(f"host_overhead_{args.shape}", env, rows, markdown + "\n\n" + summary)
 
