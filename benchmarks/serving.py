@@ -176,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", default=None, help="2b or 7b on a GPU (default 2b), tiny on the CPU")
     ap.add_argument("--quick", action="store_true", help="fewer requests per rate")
+    ap.add_argument("--max-num-batched-tokens", type=lambda v: None if v == "none" else int(v), default=2048,
+                    help="the engine's per-step token budget ('none': prefill whatever is due at once)")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the engine (and of a static batch)")
     ap.add_argument("--rates", type=float, nargs=3, default=(0.25, 0.5, 1.0),
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
     answer = (16, 128) if gpu else (4, 24)
     env = environment(device)
     bundle = build_bundle(shape, "clip", dtype, device)
-    engine = Engine(bundle, max_seq_len=1024, max_batch_size=args.batch, kv_cache_tokens=1024 * args.batch)
+    engine = Engine(bundle, max_seq_len=1024, max_batch_size=args.batch, kv_cache_tokens=1024 * args.batch,
+                    max_num_batched_tokens=args.max_num_batched_tokens)
     print(f"{env['card']}: {shape}, {n} requests per rate, answers of {answer[0]}-{answer[1]} tokens, batch {args.batch}")
 
     # a lone request on an idle engine (the latency floor), and a burst of a full batch arriving at once
