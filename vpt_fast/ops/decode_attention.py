@@ -43,10 +43,8 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     # as a masked NaN still poisons the softmax
     K = torch.where(live[:, :, None, None], K, 0).transpose(1, 2)
     V = torch.where(live[:, :, None, None], V, 0).transpose(1, 2)
-    if heads != kv_heads:
-        K = K.repeat_interleave(heads // kv_heads, dim=1)
-        V = V.repeat_interleave(heads // kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], K, V, attn_mask=live[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], K, V, attn_mask=live[:, None, None, :], scale=scale,
+                                         enable_gqa=heads != kv_heads)  # kv head j serves query heads j*g .. j*g+g-1
     return out[:, :, 0]
 
 
