@@ -184,8 +184,8 @@ def test_a_soak_of_a_thousand_requests(tiny_bundle, monkeypatch):
     params = SamplingParams(max_new_tokens=3)
     core = Engine(b, kv_cache_tokens=4096, max_batch_size=32)
     made = []
-    prepare = core._prepare
-    monkeypatch.setattr(core, "_prepare", lambda *a, **k: made.append(weakref.ref(r := prepare(*a, **k))) or r)
+    prepare = core.prepare
+    monkeypatch.setattr(core, "prepare", lambda *a, **k: made.append(weakref.ref(r := prepare(*a, **k))) or r)
     engine = AsyncEngine(core, max_queue=2000)
     handles = []
     try:

@@ -291,7 +291,7 @@ def test_device_image_pipeline(tiny_bundle):
     engine = Engine(b, image_pipeline="device")
     (r,) = engine.generate([image], ["Q"], 10, forced)
     crops = [b.processor.prepare_crop(image, box) for box in r.trace[0].boxes]
-    request = engine._prepare(image, "Q", None, None)
+    request = engine.prepare(image, "Q")
     request.images += crops
     request.boxes += list(r.trace[0].boxes)
     rows, grid = engine._segments._device_pixels([(request, k) for k in range(3)])

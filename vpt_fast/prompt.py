@@ -82,8 +82,8 @@ def _encoder(tokenizer):
     borrowed") when threads overlap."""
     try:
         found = _ENCODERS.get(tokenizer)
-    except TypeError:  # not weakly referenceable
-        found = None
+    except TypeError:  # not weakly referenceable: no copy to keep, so it takes turns as a slow one does
+        return None
     if found is not None:
         return found
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -95,10 +95,7 @@ def _encoder(tokenizer):
     private.no_truncation()
     private.no_padding()
     with _ENCODE_LOCK:
-        try:
-            return _ENCODERS.setdefault(tokenizer, private)
-        except TypeError:
-            return private
+        return _ENCODERS.setdefault(tokenizer, private)
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -114,8 +114,9 @@ class BatchSampler:
         top_k, do_sample, seed = ints
         scores = logits
         if penalized:
-            has_fed = fed >= 0
-            self.seen[rows[has_fed], fed[has_fed]] = True
+            # mark the tokens fed since (rows are distinct slots; -1 marks nothing), with no host sync
+            fed_at = (rows, fed.clamp(min=0))
+            self.seen[fed_at] = self.seen[fed_at] | (fed >= 0)
             seen = self.seen[rows] & (penalty != 1.0)[:, None]
             pen = penalty[:, None]
             scores = torch.where(seen, torch.where(scores < 0, scores * pen, scores / pen), scores)

@@ -235,7 +235,7 @@ class Engine:
         touches no scheduling state, so any thread may call it while the engine runs: a server
         prepares requests in the threads that receive them. One that fails its checks comes back
         finished, with its reason and message."""
-        return self._prepare(image, prompt, params, forced_tokens)
+        return self._intake.make(next(self._ids), image, prompt, params, forced_tokens)
 
     def add_prepared(self, request: Request) -> int:
         """Queue a request made by `prepare`; its id."""
@@ -369,12 +369,9 @@ class Engine:
 
     def _add(self, image, prompt, params, forced_tokens, name: str | None = None) -> int:
         self.check_alive()
-        r = self._prepare(image, prompt, params, forced_tokens, name)
+        r = self._intake.make(next(self._ids), image, prompt, params, forced_tokens, name)
         self._enqueue(r)
         return r.id
-
-    def _prepare(self, image, prompt, params, forced_tokens, name: str | None = None) -> Request:
-        return self._intake.make(next(self._ids), image, prompt, params, forced_tokens, name)
 
     def _enqueue(self, r: Request) -> None:
         self._requests[r.id] = r
@@ -506,8 +503,10 @@ class Engine:
     def _prefill(self, events: list[Event]) -> None:
         jobs = [r for r in list(self._running) if r.pending and r.status is Status.RUNNING and self._reserve(r, len(r.ids))]
         jobs = [r for r in jobs if r.status is Status.RUNNING]
-        reserved = sum(self._future_blocks(r) - len(r.blocks) for r in self._running if not r.finished)
+        reserved = None  # blocks the running requests may still take: summed only when someone waits
         while self._waiting and len(self._running) < self.max_batch_size:
+            if reserved is None:
+                reserved = sum(self._future_blocks(r) - len(r.blocks) for r in self._running if not r.finished)
             r = self._waiting[0]
             need = self.cache.blocks_for(len(r.ids))
             room = self.cache.num_free - (reserved + self._watermark if self._running else 0)

@@ -261,7 +261,8 @@ def _on_tensor_device(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if device.type != "cuda" or torch.compiler.is_compiling():
+        if (device.type != "cuda" or torch.compiler.is_compiling() or device.index is None
+                or device.index == torch.cuda.current_device()):  # already there: nothing to set
             return fn(*args, **kwargs)
         with device_guard(device):
             return fn(*args, **kwargs)
