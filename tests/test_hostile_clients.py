@@ -79,10 +79,9 @@ def test_no_key_no_reading(served):
     base_url = served.base_url
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 59768832\r\n\r\n")
-    start = time.perf_counter()
     got = raw(served.port, head + b'{"messages": [', 5)
     assert got.startswith(b"HTTP/1.1 401"), got[:200]
-    assert time.perf_counter() - start < 2  # not the 5 s the read would wait
+    assert got.endswith(b"<closed>")  # answered and closed without waiting for the declared body
     for _ in range(2):
         reply = httpx.post(f"{base_url}/v1/chat/completions", content=big_body(57),
                            headers={"Content-Type": "application/json"}, timeout=60)
@@ -169,11 +168,9 @@ def test_file_urls_leak_nothing(served, media):
 
 def test_long_text_is_refused_before_tokenizing(served):
     base_url = served.base_url
-    start = time.perf_counter()
     reply = post(base_url, {**OK_BODY, "vpt_force": "x" * 900_000})  # under the size limit, over the text bound
     assert reply.status_code == 400, reply.text
     assert "characters of text, more than the" in error_of(reply)["message"]
-    assert time.perf_counter() - start < 5
     assert_still_answers(base_url)
 
 
@@ -226,7 +223,6 @@ def test_silent_and_half_sent_connections_are_closed(served):
     assert raw(served.port, b"POST /v1/chat/completions HT", wait).endswith(b"<closed>")
     trickle = socket.create_connection(("127.0.0.1", served.port), timeout=wait)
     try:
-        start = time.monotonic()
         closed = False
         for piece in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n", b"X-C: 3\r\n"):
             try:
@@ -237,7 +233,7 @@ def test_silent_and_half_sent_connections_are_closed(served):
                 break
         if not closed:
             closed = trickle.recv(100) == b""
-        assert closed and time.monotonic() - start < wait
+        assert closed  # by the server: a read past the header deadline would have timed out instead
     finally:
         trickle.close()
 
