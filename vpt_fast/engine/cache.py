@@ -3,14 +3,20 @@
 Layout per layer: [num_blocks, block_size, kv_heads, head_dim], vLLM's paged layout, so
 `ops.kv_splice` writes into it with flat slots block * block_size + offset and the
 attention ops read it through block tables. A request holds a list of blocks (its block
-table) that grows as its sequence does and shrinks on rollback; blocks go back to the free
-list at finish, abort, preemption and rollback. Block 0 is never handed out: it is the
-null block that padding rows of a captured decode step point at (never written, so it
-stays zero).
+table) that grows as its sequence does and shrinks on rollback; blocks are given back at
+finish, abort, preemption and rollback. Block 0 is never handed out: it is the null block
+that padding rows of a captured decode step point at (never written, so it stays zero).
+
+Blocks are counted by reference: a full block whose contents are known by a hash (see
+`prefix_cache.py`) may be held by several requests at once and is never written again. A
+block no request holds is free: a hashed one stays findable by its hash (and keeps its
+contents) until it is handed out again, the least recently released first, after every
+block without a hash.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +37,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, 0, -1))  # a stack: the most recently freed block is reused first
+        self.reset()
 
     @property
     def usable_blocks(self) -> int:
@@ -44,11 +50,17 @@ class PagedKVCache:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks no request holds (those cached by hash included: they are handed out when needed)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks still findable by their hash."""
+        return len(self._cached)
 
     @property
     def num_used(self) -> int:
-        return self.usable_blocks - len(self._free)
+        return self.usable_blocks - self.num_free
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -57,18 +69,74 @@ class PagedKVCache:
         return self.k[i], self.v[i]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"{n} blocks asked for, {len(self._free)} free")
-        taken = self._free[len(self._free) - n:]
-        del self._free[len(self._free) - n:]
-        return taken[::-1]
+        """n blocks for one holder: blocks without a hash first (the most recently freed), then
+        the least recently released cached ones, whose hashes are forgotten."""
+        if n > self.num_free:
+            raise OutOfBlocks(f"{n} blocks asked for, {self.num_free} free")
+        plain = min(n, len(self._free))
+        taken = self._free[len(self._free) - plain:][::-1]
+        del self._free[len(self._free) - plain:]
+        for _ in range(n - plain):
+            block, _ = self._cached.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+            taken.append(block)
+        for block in taken:
+            self._refs[block] = 1
+        return taken
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """One holder gives `blocks` back (in table order); a block nobody holds any more is free.
+        Cached ones are released last block first, so a sequence's tail is handed out before
+        its head (heads are what other requests share)."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] > 0:
+                continue
+            if self._refs[block] < 0:
+                raise RuntimeError(f"block {block} released more times than it was taken")
+            if block in self._hash_of:
+                self._cached[block] = None
+            else:
+                self._free.append(block)
 
     def reset(self) -> None:
-        """Every block free again (the requests holding them are gone)."""
-        self._free = list(range(self.num_blocks - 1, 0, -1))
+        """Every block free again and nothing cached (the requests holding them are gone)."""
+        self._free = list(range(self.num_blocks - 1, 0, -1))  # a stack: the most recently freed block is reused first
+        self._refs = [0] * self.num_blocks
+        self._cached: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, least recently released first
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
+
+    # -- blocks known by hash (prefix caching) ------------------------------------------
+
+    def find(self, block_hash: bytes) -> int | None:
+        """The block holding the contents known by `block_hash`, if one does."""
+        return self._by_hash.get(block_hash)
+
+    def share(self, block: int) -> None:
+        """One more holder for a block found by its hash."""
+        if self._refs[block] == 0:
+            del self._cached[block]
+        self._refs[block] += 1
+
+    def publish(self, block: int, block_hash: bytes) -> None:
+        """Make a full, written block findable by `block_hash`. When another block already holds
+        those contents, this one stays private (both hold the same keys and values)."""
+        if block_hash not in self._by_hash and block not in self._hash_of:
+            self._by_hash[block_hash] = block
+            self._hash_of[block] = block_hash
+
+    def holders(self, block: int) -> int:
+        return self._refs[block]
+
+    def is_published(self, block: int) -> bool:
+        return block in self._hash_of
+
+    def unpublish(self, block: int) -> None:
+        """Forget a block's hash: its only holder is about to write into it."""
+        block_hash = self._hash_of.pop(block, None)
+        if block_hash is not None:
+            del self._by_hash[block_hash]
 
     def slots(self, blocks: list[int], start: int, stop: int) -> list[int]:
         """Flat slots of sequence positions start .. stop - 1 of a request holding `blocks`."""

@@ -11,15 +11,18 @@ from ..ops import mrope_positions
 from ..prompt import body_of, first_turn, special_token_pattern
 from ..sampling import SamplingParams, check_forced
 from .cache import SequenceBound
+from .prefix_cache import content_key, first_image_key
 from .state import GenerationResult, Request
 
 
 class RequestIntake:
     """Makes checked requests for one engine."""
 
-    def __init__(self, bundle: VPTBundle, bound: SequenceBound):
+    def __init__(self, bundle: VPTBundle, bound: SequenceBound, settings: bytes):
+        """settings: the engine's `prefix_cache.settings_key`, part of every image's key."""
         self.bundle = bundle
         self.bound = bound
+        self.settings = settings
         self.image_pad = bundle.vocab.image_pad
         self.merge = bundle.model.config.vision_config.spatial_merge_size
         self.vocab_size = bundle.model.config.text_config.vocab_size
@@ -27,7 +30,8 @@ class RequestIntake:
 
     def make(self, rid: int, image, prompt, params: SamplingParams | None, forced_tokens,
              name: str | None = None) -> Request:
-        """Request `rid`, loaded, encoded and placed (M-RoPE positions), with its sampling seed.
+        """Request `rid`, loaded, encoded and placed (M-RoPE positions), with its sampling seed
+        and its image's content keys.
         Bad parameters raise TypeError; an unusable image, prompt or forced tokens, or a prompt
         longer than a sequence may be, give a request already finished with its reason."""
         if params is None:
@@ -43,6 +47,9 @@ class RequestIntake:
         grids = [self.bundle.processor.grid_thw(turn.first)] if turn.first is not None else []
         positions, _ = mrope_positions(turn.ids, 0, grids, image_pad_id=self.image_pad, spatial_merge_size=self.merge)
         r = Request(rid, params, forced, turn, positions, name=name)
+        if turn.first is not None:
+            r.original_key = content_key(turn.original)
+            r.image_keys = [first_image_key(self.settings, turn.first, r.original_key, r.boxes[0])]
         r.seed = params.seed if params.seed is not None else secrets.randbits(63)
         if len(r.ids) > self.bound.tokens:
             r.finish("length", f"{name}: the prompt has {len(r.ids)} tokens, more than {self.bound}")

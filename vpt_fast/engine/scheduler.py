@@ -40,6 +40,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import set_backend
@@ -47,6 +48,8 @@ from ..ops._registry import device_guard
 from ..sampling import SamplingParams, check_batch
 from .cache import PagedKVCache, SequenceBound
 from .decode import BUCKETS, DecodeStep
+from .encoder_cache import EncoderCache
+from .prefix_cache import PrefixCache, settings_key
 from .runner import Runner
 from .sampler import BatchSampler
 from .segments import SegmentRunner
@@ -95,7 +98,8 @@ class Engine:
     def __init__(self, bundle: VPTBundle, max_seq_len: int | None = None, max_batch_size: int = 32,
                  cuda_graphs: bool | None = None, image_pipeline: str = "pil", kv_cache_tokens: int | None = None,
                  kv_cache_gib: float | None = None, block_size: int = 16, backend: str | dict[str, str] | None = None,
-                 capture_graphs: str = "eager", max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS):
+                 capture_graphs: str = "eager", max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 enable_prefix_caching: bool = True, encoder_cache_gib: float | None = None):
         """max_seq_len: the most tokens one request's sequence may hold (default: 4096, or the
         model's max_position_embeddings when smaller); max_batch_size: the most requests running
         at once (decoded together); cuda_graphs: capture decode steps as CUDA graphs (default:
@@ -113,7 +117,12 @@ class Engine:
         kv_cache_gib GiB (default: max(max_seq_len, 1024 * max_batch_size) tokens), in
         blocks of block_size tokens; it is allocated here. backend: the ops' backends, asked for
         once for the process (`vpt_fast.ops.set_backend`: "torch", "triton", "ext", or per op
-        "kv_splice=ext,decode_attention=triton"); default: VPT_FAST_BACKEND, else automatic."""
+        "kv_splice=ext,decode_attention=triton"); default: VPT_FAST_BACKEND, else automatic.
+        enable_prefix_caching: a request whose leading full blocks are in the cache (the same
+        conversation prefix with the same images) takes them instead of computing them (vLLM's
+        option; see `prefix_cache`); encoder_cache_gib: the budget of the cache of vision-tower
+        and branch-encoder outputs by image (see `encoder_cache`; default: room for 4 images of
+        the largest size per request of a full batch; 0 turns it off)."""
         if image_pipeline not in ("pil", "device"):
             raise ValueError(f"image_pipeline must be 'pil' or 'device', got {image_pipeline!r}")
         if capture_graphs not in ("eager", "lazy"):
@@ -129,6 +138,11 @@ class Engine:
         for name, value, low in checked:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        if encoder_cache_gib is not None and (not isinstance(encoder_cache_gib, (int, float))
+                                              or isinstance(encoder_cache_gib, bool) or not encoder_cache_gib >= 0):
+            raise ValueError(f"encoder_cache_gib must be a number >= 0, got {encoder_cache_gib!r}")
         if max_batch_size > BUCKETS[-1]:
             raise ValueError(f"max_batch_size must be an int in [1, {BUCKETS[-1]}], got {max_batch_size!r}")
         self.bundle = bundle
@@ -163,20 +177,31 @@ class Engine:
                 self.graph_capture = GraphCapture(*self._decoder.capture(max_batch_size))
                 logger.info("captured decode graphs for batch sizes %s in %.2f s (%.1f MiB)",
                             self.graph_capture.buckets, self.graph_capture.seconds, self.graph_capture.bytes / 2**20)
-        self._segments = SegmentRunner(bundle, self.runner, self.cache, image_pipeline)
+        settings = settings_key(bundle.processor, image_pipeline)
+        if encoder_cache_gib is None:
+            budget = 4 * max_batch_size * _largest_image_bytes(bundle, self.runner.dtype)
+        else:
+            budget = int(encoder_cache_gib * 2**30)
+        self.encoder_cache = EncoderCache(budget)
+        self._segments = SegmentRunner(bundle, self.runner, self.cache, image_pipeline, self.encoder_cache)
         self._sampler = BatchSampler(max_batch_size, self.runner.lm_head.weight.shape[0], self.device)
-        self._splicer = Splicer(bundle, self.cache, self.bound, self._shrink)
+        self._splicer = Splicer(bundle, self.cache, self.bound, self._shrink, settings)
         self.two_pass = bundle.vpt_config.two_pass
         self.start_to_action = bundle.vpt_config.start_to_action
         self.action_ids = set(self.start_to_action.values())
-        self._intake = RequestIntake(bundle, self.bound)
+        reencoding = {t for a in self.vocab.actions.values() for t in (a.action, a.pad)}
+        self.prefix_cache = PrefixCache(self.cache, self.vocab.image_pad, reencoding | self.action_ids,
+                                        self.action_ids if self.two_pass else set(), enable_prefix_caching)
+        self.enable_prefix_caching = enable_prefix_caching
+        self._intake = RequestIntake(bundle, self.bound, settings)
         self._waiting: list[Request] = []  # by arrival
         self._running: list[Request] = []  # by arrival
         self._done: list[Request] = []  # finished outside a step (failed checks, aborted): reported by the next step
         self._requests: dict[int, Request] = {}  # every request not yet reported finished
         self._ids = itertools.count()
         self.num_preemptions = 0  # requests preempted so far (and recomputed later)
-        self._stats = dict.fromkeys(("prompt_tokens", "computed_prompt_tokens", "spliced_tokens", "recomputed_tokens"), 0)
+        self._stats = dict.fromkeys(("prompt_tokens", "computed_prompt_tokens", "cached_prompt_tokens", "spliced_tokens",
+                                     "recomputed_tokens"), 0)
         # free blocks admission keeps beyond what the running requests may still take (vLLM's 1%)
         self._watermark = max(1, self.cache.usable_blocks // 100)
         self.dead: str | None = None  # why the engine cannot serve any more (a device failure)
@@ -401,16 +426,31 @@ class Engine:
         self._sampler.reset()
         return ids
 
-    def _shrink(self, r: Request, keep: int) -> None:
-        """Give back r's blocks past its first `keep` (a rollback)."""
+    def _shrink(self, r: Request, length: int) -> None:
+        """Give back r's blocks past its first `length` tokens (a rollback). The block the cut
+        falls in is written next: when other requests hold it too (prefix caching), r gives
+        its hold up and recomputes the kept tokens of that block into a block of its own; when
+        r alone holds it, it is no longer findable by its hash."""
+        bs = self.cache.block_size
+        keep = self.cache.blocks_for(length)
         self.cache.release(r.blocks[keep:])
         del r.blocks[keep:]
+        self.prefix_cache.forget_after(r, length)
+        if length % bs and r.blocks:
+            last = r.blocks[-1]
+            if self.cache.holders(last) > 1:
+                self.cache.release([last])
+                r.blocks.pop()
+                r.num_cached = min(r.num_cached, len(r.blocks) * bs)
+            else:
+                self.cache.unpublish(last)
 
     def _release(self, r: Request) -> None:
         """Give back r's blocks and its sampling slot."""
         self.cache.release(r.blocks)
         r.blocks = []
         r.num_cached = 0
+        r.published = 0
         if r.slot is not None:
             self._sampler.give_back(r.slot)
             r.slot = None
@@ -423,10 +463,17 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """Counters since the engine was built, and its state now: prompt_tokens (round-1 prompts
-        of the requests admitted), computed_prompt_tokens (of those, the tokens prefilled),
-        spliced_tokens (perception segments prefilled), recomputed_tokens (prefilled again after
-        a preemption), preemptions, kv_blocks_used, kv_blocks_total, running, waiting."""
-        return {**self._stats, "preemptions": self.num_preemptions, "kv_blocks_used": self.kv_blocks_used,
+        of the requests admitted), computed_prompt_tokens and cached_prompt_tokens (of those, the
+        tokens prefilled and the tokens found in the prefix cache), spliced_tokens (perception
+        segments prefilled), recomputed_tokens (prefilled again after a preemption),
+        prefix_cache_queries and prefix_cache_hits (tokens looked up and found at every admission,
+        recomputations included), vision_encoder_images (images, crops and branch inputs
+        actually encoded), vision_cache_queries and vision_cache_hits (encoder-cache lookups and
+        hits), preemptions, kv_blocks_used, kv_blocks_total, running, waiting."""
+        return {**self._stats, "prefix_cache_queries": self.prefix_cache.queries,
+                "prefix_cache_hits": self.prefix_cache.hits, "vision_encoder_images": self._segments.encoded_images,
+                "vision_cache_queries": self.encoder_cache.queries, "vision_cache_hits": self.encoder_cache.hits,
+                "preemptions": self.num_preemptions, "kv_blocks_used": self.kv_blocks_used,
                 "kv_blocks_total": self.kv_blocks_total, "running": self.num_running, "waiting": self.num_waiting}
 
     def _preempt(self, r: Request) -> None:
@@ -508,15 +555,26 @@ class Engine:
             if reserved is None:
                 reserved = sum(self._future_blocks(r) - len(r.blocks) for r in self._running if not r.finished)
             r = self._waiting[0]
-            need = self.cache.blocks_for(len(r.ids))
+            found = self.prefix_cache.match(r)
+            total = self.cache.blocks_for(len(r.ids))
+            # blocks it takes from the free ones: new ones, and found ones that no request holds
+            taken = total - len(found) + sum(1 for b in found if self.cache.holders(b) == 0)
+            growth = self._future_blocks(r) - total
             room = self.cache.num_free - (reserved + self._watermark if self._running else 0)
-            if need > self.cache.num_free or self._future_blocks(r) > room:
+            if taken > self.cache.num_free or taken + growth > room:
                 break
-            reserved += self._future_blocks(r) - need
+            reserved += growth
             self._waiting.pop(0)
-            r.blocks = self.cache.allocate(need)
+            self.prefix_cache.count(r, found)
+            for block in found:  # before allocating, which could hand them out again
+                self.cache.share(block)
+            r.blocks = found + self.cache.allocate(total - len(found))
+            r.num_cached = r.published = len(found)
+            r.num_cached *= self.cache.block_size
+            if not r.counted:
+                self._stats["cached_prompt_tokens"] += r.num_cached
             r.slot = self._sampler.take(r.params, r.seed)
-            self._tables[r.slot, :need] = r.blocks
+            self._tables[r.slot, :total] = r.blocks
             r.status = Status.RUNNING
             bisect.insort(self._running, r, key=lambda x: x.id)
             jobs.append(r)
@@ -537,6 +595,7 @@ class Engine:
         for r in jobs:
             if r.id in fed:
                 self._stats[r.prefill_kind] += fed[r.id]
+                self.prefix_cache.publish(r)
             if r.pending:
                 continue  # a chunk of it: the rest at the next steps
             r.prefill_kind = None
@@ -620,10 +679,13 @@ class Engine:
             lens.append(n)
         tables = self._tables[[r.slot for r in fed]]  # rows kept as blocks are added, never rebuilt
         logits, hidden = self._decoder(tokens, overrides, positions, slots, lens, tables)
+        publish = self.prefix_cache.enabled
         for b, r in enumerate(fed):
             r.num_cached = len(r.ids)
             r.logits = logits[b]
             r.last_hidden = (len(r.ids) - 1, hidden[b])
+            if publish and r.num_cached % bs == 0:  # a block filled up
+                self.prefix_cache.publish(r)
 
     def _retire(self, events: list[Event]) -> None:
         finished = self._done + [r for r in self._running if r.finished]
@@ -637,6 +699,14 @@ class Engine:
             events.append(FinishEvent(r.id, result_of(r, self.bundle.tokenizer, self.vocab.im_end)))
 
     # ------------------------------------------------------------------ results
+
+
+def _largest_image_bytes(bundle: VPTBundle, dtype: torch.dtype) -> int:
+    """Bytes of the vision-tower output of the largest image the processor makes (the longer
+    side capped at max_side, square)."""
+    side = bundle.processor.max_side
+    tokens = bundle.processor.token_count(Image.new("RGB", (side, side)))
+    return tokens * bundle.model.config.text_config.hidden_size * dtype.itemsize
 
 
 def _cache_tokens(tokens: int | None, gib: float | None, max_seq_len: int, max_batch_size: int, per_token: int) -> int:

@@ -20,16 +20,20 @@ from ..ops import crop_patch_embed
 from ..perception import branch_features, project_features
 from ..preprocess import PixelImage, smart_resize, to_rgb
 from .cache import PagedKVCache
+from .encoder_cache import EncoderCache
 from .runner import Runner
 from .state import Request, runs
 
 
 class SegmentRunner:
-    def __init__(self, bundle: VPTBundle, runner: Runner, cache: PagedKVCache, image_pipeline: str):
+    def __init__(self, bundle: VPTBundle, runner: Runner, cache: PagedKVCache, image_pipeline: str,
+                 encoder_cache: EncoderCache):
         self.bundle = bundle
         self.runner = runner
         self.cache = cache
         self.image_pipeline = image_pipeline
+        self.encoder_cache = encoder_cache
+        self.encoded_images = 0  # images and crops through the vision tower, inputs through a branch encoder
         self.vocab = bundle.vocab
         self.merge = bundle.model.config.vision_config.spatial_merge_size
         self.two_pass = bundle.vpt_config.two_pass
@@ -41,25 +45,45 @@ class SegmentRunner:
 
     # ------------------------------------------------------------------ features
 
-    def _pending_images(self, r: Request) -> list[tuple[int, int]]:
-        """(run start, image index) of the image runs among r's pending tokens that have no features yet."""
-        before = len(runs(r.ids, self.vocab.image_pad, 0, r.num_cached))
-        pending = runs(r.ids, self.vocab.image_pad, r.num_cached)
-        return [(start, before + k) for k, (start, _) in enumerate(pending) if start not in r.spans]
+    def _wanted_images(self, r: Request) -> list[tuple[int, int]]:
+        """(run start, image index) of r's images whose features are needed and missing: those
+        whose runs reach into r's pending tokens (a run may begin in blocks found in the prefix
+        cache), and the first image of a pending clip re-encoding (its features are the clip
+        branch's input)."""
+        every = runs(r.ids, self.vocab.image_pad)
+        wanted = [(start, k) for k, (start, n) in enumerate(every) if start + n > r.num_cached]
+        if r.pending_reencode is not None and r.pending_reencode.kind == "clip":
+            wanted.insert(0, (every[0][0], 0))
+        return list(dict.fromkeys((start, k) for start, k in wanted if start not in r.spans))
 
     def _vision(self, requests: list[Request]) -> None:
-        """Features of every pending image of these requests, with one vision-tower call."""
-        wanted = [(r, start, k) for r in requests for start, k in self._pending_images(r)]
-        if not wanted:
+        """Features of every wanted image of these requests: from the encoder cache, else with
+        one vision-tower call for all (an image wanted twice is encoded once)."""
+        todo: dict[bytes, list[tuple[Request, int, int]]] = {}
+        for r in requests:
+            for start, k in self._wanted_images(r):
+                found = self.encoder_cache.get(r.image_keys[k])
+                if found is not None:
+                    r.spans[start] = found
+                else:
+                    todo.setdefault(r.image_keys[k], []).append((r, start, k))
+        if not todo:
             return
-        if self.image_pipeline == "device" or any(isinstance(r.images[k], PixelImage) for r, _, k in wanted):
-            pixels, grid = self._device_pixels([(r, k) for r, _, k in wanted])
+        firsts = [group[0] for group in todo.values()]
+        if self.image_pipeline == "device" or any(isinstance(r.images[k], PixelImage) for r, _, k in firsts):
+            pixels, grid = self._device_pixels([(r, k) for r, _, k in firsts])
         else:
-            pixels, grid = self.bundle.processor.qwen_inputs([r.images[k] for r, _, k in wanted])
+            pixels, grid = self.bundle.processor.qwen_inputs([r.images[k] for r, _, k in firsts])
         feats = _hf_compat.vision_features(self.bundle.model, pixels.to(self.device, self.runner.dtype), grid.to(self.device))
+        self.encoded_images += len(firsts)
         sizes = (grid.prod(-1) // self.merge**2).tolist()
-        for (r, start, _), f in zip(wanted, torch.split(feats, sizes)):
-            r.spans[start] = f.to(self.runner.dtype)
+        for (key, group), f in zip(todo.items(), torch.split(feats, sizes)):
+            f = f.to(self.runner.dtype)
+            if len(todo) > 1:  # a view would keep the whole batch's features alive in the cache
+                f = f.clone()
+            self.encoder_cache.put(key, f)
+            for r, start, _ in group:
+                r.spans[start] = f
 
     def _device_pixels(self, wanted: list[tuple[Request, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch rows of images (request, image index) on the device: a `PixelImage`'s own rows;
@@ -99,12 +123,22 @@ class SegmentRunner:
                 for r in group:
                     out[r.id] = r.spans[runs(r.ids, self.vocab.image_pad)[0][0]]
                 continue
-            todo = [r for r in group if r.pending_reencode.features is None]  # a chunk before had them made
+            todo: dict[bytes, list[Request]] = {}  # by key: requests whose features are still to make
+            for r in group:
+                if r.pending_reencode.features is None:  # else a chunk before had them made
+                    r.pending_reencode.features = self.encoder_cache.get(r.pending_reencode.key)
+                if r.pending_reencode.features is None:
+                    todo.setdefault(r.pending_reencode.key, []).append(r)
             if todo:
-                pixels = torch.cat([r.pending_reencode.model_input for r in todo]).to(self.device, self.runner.dtype)
+                firsts = [same[0] for same in todo.values()]
+                pixels = torch.cat([r.pending_reencode.model_input for r in firsts]).to(self.device, self.runner.dtype)
                 feats = branch_features(self.bundle, kind, pixels)
-                for j, r in enumerate(todo):
-                    r.pending_reencode.features = feats[j : j + 1]
+                self.encoded_images += len(firsts)
+                for j, (key, same) in enumerate(todo.items()):
+                    one = feats[j : j + 1].clone() if len(todo) > 1 else feats
+                    self.encoder_cache.put(key, one)
+                    for r in same:
+                        r.pending_reencode.features = one
             for r in group:
                 out[r.id] = r.pending_reencode.features
         return out

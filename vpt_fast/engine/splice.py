@@ -16,14 +16,17 @@ from ..ops import mrope_positions
 from ..perception import plan_perception, unsupported_message
 from ..prompt import body_of, conversation, encode
 from .cache import PagedKVCache, SequenceBound
+from .prefix_cache import branch_key, image_key
 from .state import PendingReencode, PendingTrace, Request, back_out_of_runs, longest_common_prefix, runs
 
 
 class Splicer:
-    def __init__(self, bundle: VPTBundle, cache: PagedKVCache, bound: SequenceBound, shrink):
-        """bound: the most tokens a sequence may hold; shrink(r, keep): give back r's blocks past
-        its first `keep` (the engine owns the blocks)."""
+    def __init__(self, bundle: VPTBundle, cache: PagedKVCache, bound: SequenceBound, shrink, settings: bytes):
+        """bound: the most tokens a sequence may hold; shrink(r, length): give back r's blocks
+        past its first `length` tokens (the engine owns the blocks); settings: the engine's
+        `prefix_cache.settings_key`, part of the crops' and re-encodings' keys."""
         self.bundle = bundle
+        self.settings = settings
         self.cache = cache
         self.bound = bound
         self.shrink = shrink
@@ -35,7 +38,7 @@ class Splicer:
     def rollback(self, r: Request, length: int) -> None:
         """Forget r's tokens from `length` on and give back the blocks past them."""
         r.truncate(length)
-        self.shrink(r, self.cache.blocks_for(length))
+        self.shrink(r, length)
 
     def close_round(self, r: Request, reason: str) -> None:
         """End r's round ("stop" or "length"): finish it, or append its next perception segment."""
@@ -77,12 +80,17 @@ class Splicer:
         r.images += plan.images
         if plan.kind == "region":
             r.boxes += plan.boxes
+            r.image_keys += [image_key(self.settings, r.original_key, box) for box in plan.boxes]
         first_new = len(runs(new_ids, self.vocab.image_pad, 0, keep))
         segment = new_ids[keep:]
         grids = [self.bundle.processor.grid_thw(image) for image in r.images[first_new:]]
         positions, _ = mrope_positions(segment, r.positions.next, grids, image_pad_id=self.vocab.image_pad,
                                        spatial_merge_size=self.merge)
         r.append(segment, positions)
-        r.pending_reencode = PendingReencode(*plan.reencode) if plan.reencode is not None else None
+        if plan.reencode is not None:
+            kind, model_input = plan.reencode
+            r.pending_reencode = PendingReencode(kind, model_input, branch_key(self.settings, kind, r.original_key))
+        else:
+            r.pending_reencode = None
         r.pending_trace = PendingTrace(plan.kind, plan.cells, plan.boxes, len(segment), rolled, r.round_end_time)
         r.round += 1

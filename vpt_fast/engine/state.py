@@ -154,6 +154,7 @@ class PendingReencode:
 
     kind: str
     model_input: Any
+    key: bytes | None = None  # of the encoder's output in the encoder cache (`prefix_cache.branch_key`)
     features: Any = None  # the branch's output once computed (a chunked prefill may reach the pads later)
 
 
@@ -195,6 +196,15 @@ class Request:
         self.images: list[Any] = [turn.first] if has_image else []  # every image of the conversation, in order
         self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *turn.original.size)] if has_image else []
         self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
+        # content keys (`prefix_cache`): of the original, and of every image in `images`
+        self.original_key: bytes | None = None
+        self.image_keys: list[bytes] = []
+        # prefix caching: hashes of the full blocks of `ids` (None: never shared), the image runs
+        # begun in them (starts; and the count up to each block), and how many are published
+        self.block_hashes: list[bytes | None] = []
+        self.block_runs: list[int] = []
+        self.run_starts: list[int] = []
+        self.published = 0
         # the sequence and the cache
         self.ids: list[int] = []
         self.tail: list[int] = []  # the token that ended the sequence's last round, never fed
