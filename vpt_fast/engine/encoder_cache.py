@@ -30,6 +30,8 @@ class EncoderCache:
         return len(self._entries)
 
     def get(self, key: bytes) -> torch.Tensor | None:
+        if not self.budget:
+            return None
         self.queries += 1
         value = self._entries.get(key)
         if value is not None:
