@@ -143,10 +143,11 @@ def test_many_questions_per_image(tiny_bundle):
     assert stats["vision_encoder_images"] == 2 and off_stats["vision_encoder_images"] == 8
     assert off_stats["cached_prompt_tokens"] == off_stats["prefix_cache_queries"] == off_stats["vision_cache_queries"] == 0
     assert_nothing_held(engine)
-    # all at once: nothing is in the cache at admission, but each image is encoded once
+    # all at once: the first question of each image is computed, the others wait a step for its blocks
     engine = Engine(b, block_size=8)
     assert_same(together(engine, jobs), together(off, jobs), "together")
-    assert engine.stats()["vision_encoder_images"] == 2
+    stats = engine.stats()
+    assert stats["vision_encoder_images"] == 2 and stats["cached_prompt_tokens"] >= 0.5 * stats["prompt_tokens"], stats
 
 
 def test_a_chat_turn_reuses_the_turn_before_but_its_last_partial_block(tiny_bundle):
@@ -300,3 +301,23 @@ def test_caches_off_find_nothing(tiny_bundle):
             Engine(b, enable_prefix_caching=bad)
     with pytest.raises(ValueError, match="encoder_cache_gib must be a number >= 0"):
         Engine(b, encoder_cache_gib=-1)
+
+
+def test_a_request_waits_for_the_blocks_another_computes_and_never_for_a_gone_one(tiny_bundle):
+    b = tiny_bundle("region")
+    image = rand_image(320, 240, 9)
+    jobs = [(image, f"<image>\nQuestion {i}?", GREEDY, None) for i in range(3)]
+    engine = Engine(b, block_size=8)
+    for job in jobs:
+        engine.add_request(*job)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 2  # the twins wait for the first one's blocks
+    engine.clear()  # its blocks will never come: nothing waits for them any more
+    assert one_by_one(engine, jobs[1:2])[0].finish_reason in ("stop", "length")
+    first = engine.add_request(*jobs[0])
+    engine.step()
+    engine._preempt(engine._requests[first])  # the one computing is preempted: the others go on by themselves
+    later = [engine.add_request(*job) for job in jobs[1:]]
+    results = finish_all(engine)
+    assert {results[i].finish_reason for i in [first, *later]} <= {"stop", "length"}
+    assert_nothing_held(engine)

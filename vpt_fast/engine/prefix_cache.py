@@ -95,6 +95,9 @@ class PrefixCache:
         self.enabled = enabled
         self.queries = 0  # tokens looked up
         self.hits = 0  # of those, tokens found
+        # hashes of blocks a running request is about to compute (its prompt past what it found),
+        # by that request's id: a request that begins with them waits for them (`waits`)
+        self._coming: dict[bytes, int] = {}
 
     def hashes(self, r, upto: int) -> list[bytes | None]:
         """r's block hashes for its first `upto` full blocks (kept on r, extended as needed;
@@ -123,6 +126,7 @@ class PrefixCache:
 
     def forget_after(self, r, length: int) -> None:
         """Drop r's hashes of blocks that reach past `length` tokens (a rollback)."""
+        self.drop(r)
         keep = length // self.bs
         del r.block_hashes[keep:]
         del r.block_runs[keep:]
@@ -146,6 +150,39 @@ class PrefixCache:
             found.pop()
         return found
 
+    def waits(self, r, found: list[int]) -> bool:
+        """Whether r's next block after `found` is being computed by a running request: r then
+        waits a step or more and finds it, instead of computing it too (requests with a
+        common prefix that arrive together: questions about one image in a batch)."""
+        if not self.enabled:
+            return False
+        nxt = len(found)
+        if nxt >= (len(r.ids) - 1) // self.bs:
+            return False
+        h = r.block_hashes[nxt]
+        return h is not None and self._coming.get(h, r.id) != r.id
+
+    def expect(self, r, found: list[int]) -> None:
+        """r was admitted with `found`: the rest of its prompt's full blocks are coming."""
+        if not self.enabled:
+            return
+        for h in self.hashes(r, len(r.ids) // self.bs)[len(found):]:
+            if h is None:
+                break
+            if self._coming.setdefault(h, r.id) == r.id:
+                r.coming.append(h)
+
+    def drop(self, r) -> None:
+        """r holds no blocks any more: what it was to compute is not coming from it."""
+        for h in r.coming:
+            if self._coming.get(h) == r.id:
+                del self._coming[h]
+        r.coming = []
+
+    def forget_requests(self) -> None:
+        """Every request is gone (the cache was reset): nothing is coming."""
+        self._coming.clear()
+
     def count(self, r, found: list[int]) -> None:
         """Count an admission's lookup: r's tokens, and the tokens of the blocks it took."""
         if self.enabled:
@@ -163,4 +200,6 @@ class PrefixCache:
             if h is None:
                 break
             self.cache.publish(r.blocks[i], h)
+            if self._coming.get(h) == r.id:
+                del self._coming[h]
         r.published = full

@@ -423,6 +423,7 @@ class Engine:
         self._running.clear()
         self._done.clear()
         self.cache.reset()
+        self.prefix_cache.forget_requests()
         self._sampler.reset()
         return ids
 
@@ -448,6 +449,7 @@ class Engine:
     def _release(self, r: Request) -> None:
         """Give back r's blocks and its sampling slot."""
         self.cache.release(r.blocks)
+        self.prefix_cache.drop(r)
         r.blocks = []
         r.num_cached = 0
         r.published = 0
@@ -551,11 +553,15 @@ class Engine:
         jobs = [r for r in list(self._running) if r.pending and r.status is Status.RUNNING and self._reserve(r, len(r.ids))]
         jobs = [r for r in jobs if r.status is Status.RUNNING]
         reserved = None  # blocks the running requests may still take: summed only when someone waits
-        while self._waiting and len(self._running) < self.max_batch_size:
+        at = 0  # the first waiting request not put off to a later step
+        while at < len(self._waiting) and len(self._running) < self.max_batch_size:
             if reserved is None:
                 reserved = sum(self._future_blocks(r) - len(r.blocks) for r in self._running if not r.finished)
-            r = self._waiting[0]
+            r = self._waiting[at]
             found = self.prefix_cache.match(r)
+            if self.prefix_cache.waits(r, found):
+                at += 1
+                continue
             total = self.cache.blocks_for(len(r.ids))
             # blocks it takes from the free ones: new ones, and found ones that no request holds
             taken = total - len(found) + sum(1 for b in found if self.cache.holders(b) == 0)
@@ -564,8 +570,9 @@ class Engine:
             if taken > self.cache.num_free or taken + growth > room:
                 break
             reserved += growth
-            self._waiting.pop(0)
+            self._waiting.pop(at)
             self.prefix_cache.count(r, found)
+            self.prefix_cache.expect(r, found)
             for block in found:  # before allocating, which could hand them out again
                 self.cache.share(block)
             r.blocks = found + self.cache.allocate(total - len(found))

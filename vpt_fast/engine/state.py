@@ -205,6 +205,7 @@ class Request:
         self.block_runs: list[int] = []
         self.run_starts: list[int] = []
         self.published = 0
+        self.coming: list[bytes] = []  # hashes of blocks it computes that others wait for
         # the sequence and the cache
         self.ids: list[int] = []
         self.tail: list[int] = []  # the token that ended the sequence's last round, never fed
