@@ -321,3 +321,40 @@ def test_a_request_waits_for_the_blocks_another_computes_and_never_for_a_gone_on
     results = finish_all(engine)
     assert {results[i].finish_reason for i in [first, *later]} <= {"stop", "length"}
     assert_nothing_held(engine)
+
+
+def test_eval_cli_with_and_without_the_caches(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """`vpt-fast eval` over four questions per image: the same rows with --no-enable-prefix-caching
+    and --encoder-cache-gib 0, which reach the engine; the summary says what the caches saved."""
+    import json
+
+    import vpt_fast.engine
+    from vpt_fast.cli import main
+
+    built = []
+
+    class Recorded(Engine):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(vpt_fast.engine, "Engine", Recorded)
+    lines = []
+    for i in range(2):
+        rand_image(260, 200, 20 + i).save(tmp_path / f"{i}.png")
+        lines += [{"id": f"{i}-{q}", "image": f"{i}.png", "question": f"Question {q} about it?"} for q in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = []
+    for flags in ([], ["--no-enable-prefix-caching", "--encoder-cache-gib", "0"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        assert main(["eval", str(data), "--out", str(out), "--model", str(tiny_ckpt("region")), "--max-new-tokens", "4",
+                     "--device", "cpu", "--batch-size", "8", *flags]) == 0
+        rows.append([json.loads(line) for line in out.read_text().splitlines()])
+        printed = capsys.readouterr().out
+        if flags:
+            assert "prompt tokens: " in printed and "0 of them from the prefix cache (0%)" in printed
+        else:
+            assert "prompt tokens: " in printed and "images encoded: 2 (" in printed
+    assert rows[0] == rows[1] and len(rows[0]) == 8
+    assert [(k["enable_prefix_caching"], k["encoder_cache_gib"]) for k in built] == [(True, None), (False, 0.0)]

@@ -245,8 +245,18 @@ def test_system_prompt_turns_and_modes(tiny_bundle, client):
 
 def test_metrics_carry_the_engines_counters(served):
     base_url = served.base_url
-    assert post(base_url, {"messages": messages(rand_image(30, 30)), "max_tokens": 2, "temperature": 0}).status_code == 200
+    image = rand_image(30, 30, 99)
+    before = metric(base_url, "vpt_fast_prefix_cache_hits_total")
+    for text in ("What is on the left?", "And on the right?"):  # the same image twice: the second finds it
+        body = {"messages": messages(image, text), "max_tokens": 2, "temperature": 0}
+        assert post(base_url, body).status_code == 200
     stats = served.engine.engine.stats()
-    for name in ("preemptions", "recomputed_tokens", "computed_prompt_tokens", "spliced_tokens"):
-        assert metric(base_url, f"vpt_fast_engine_{name}_total") == stats[name], name
-    assert stats["computed_prompt_tokens"] > 0
+    names = {"preemptions": "vpt_fast_engine_preemptions", "recomputed_tokens": "vpt_fast_engine_recomputed_tokens",
+             "computed_prompt_tokens": "vpt_fast_engine_computed_prompt_tokens",
+             "cached_prompt_tokens": "vpt_fast_engine_cached_prompt_tokens",
+             "spliced_tokens": "vpt_fast_engine_spliced_tokens", "prefix_cache_queries": "vpt_fast_prefix_cache_queries",
+             "prefix_cache_hits": "vpt_fast_prefix_cache_hits", "vision_cache_queries": "vpt_fast_mm_cache_queries",
+             "vision_cache_hits": "vpt_fast_mm_cache_hits", "vision_encoder_images": "vpt_fast_engine_vision_encoder_images"}
+    for name, exported in names.items():
+        assert metric(base_url, f"{exported}_total") == stats[name], name
+    assert stats["computed_prompt_tokens"] > 0 and metric(base_url, "vpt_fast_prefix_cache_hits_total") > before

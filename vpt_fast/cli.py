@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
         from .engine import Engine
 
         try:
-            engine = Engine(bundle, max_seq_len=args.max_seq_len)
+            engine = Engine(bundle, max_seq_len=args.max_seq_len, **_cache_options(args))
         except ValueError as e:
             parser.error(f"--max-seq-len: {e}")
         say_warmup(engine)
@@ -183,7 +183,8 @@ def cmd_eval(args) -> int:
         device, dtype = _placement(parser, args.device, args.dtype)
         bundle = load_vpt_checkpoint(model or demo_checkpoint("region"), dtype=dtype, device=device)
         try:
-            engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
+            engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size,
+                            **_cache_options(args))
         except ValueError as e:
             parser.error(f"--max-seq-len: {e}")
         say_warmup(engine)
@@ -197,7 +198,7 @@ def cmd_eval(args) -> int:
                                     gpus_per_worker=args.gpus_per_worker, mode=args.mode, batch_size=args.batch_size, limit=args.limit,
                                     max_new_tokens=args.max_new_tokens, force=force, retry_errors=args.retry_errors,
                                     engine_options={"max_seq_len": args.max_seq_len,
-                                                    "max_batch_size": args.batch_size},
+                                                    "max_batch_size": args.batch_size, **_cache_options(args)},
                                     device=args.device, dtype=args.dtype)
     print(summary.text())
     print(f"results: {out}")
@@ -239,6 +240,20 @@ def cmd_make_tiny(args) -> int:
     folder = make_tiny_checkpoint(args.out, args.variant, seed=args.seed)
     print(f"wrote a tiny random {args.variant} checkpoint to {folder}")
     return 0
+
+
+def _cache_options(args) -> dict:
+    """The Engine's cache options from `--[no-]enable-prefix-caching` and `--encoder-cache-gib`."""
+    return {"enable_prefix_caching": args.enable_prefix_caching, "encoder_cache_gib": args.encoder_cache_gib}
+
+
+def _add_cache_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                         help="reuse the KV cache of a conversation prefix already computed, images included "
+                              "(default: on; --no-enable-prefix-caching turns it off)")
+    command.add_argument("--encoder-cache-gib", type=_at_least(0, float), default=None,
+                         help="memory for vision-encoder outputs kept by image (default: room for 4 images of the "
+                              "largest size per request of a full batch; 0 turns it off)")
 
 
 def _placement(parser: argparse.ArgumentParser, device: str | None, dtype: str | None):
@@ -308,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-seq-len", type=_at_least(2), default=None, help=MAX_SEQ_LEN_HELP)
     run.add_argument("--pipeline", choices=["engine", "reference"], default="engine",
                      help="single-pass engine, or the two-round reference flow (slow, for comparison)")
+    _add_cache_options(run)
     run.set_defaults(func=cmd_run, parser=run)
     ev = sub.add_parser("eval", help="answer a JSONL dataset of questions about images, resumably (locally or on Ray)",
                         description="Each DATA line is {\"id\", \"image\", \"question\", \"answer\"?} (image: a path "
@@ -335,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=_at_least(1), default=1, help="Ray actors, one engine each")
     ev.add_argument("--gpus-per-worker", type=_at_least(0, float), default=None,
                     help="GPUs per actor (default: 1 where the cluster has GPUs, else 0)")
+    _add_cache_options(ev)
     ev.set_defaults(func=cmd_eval, parser=ev)
     serve = sub.add_parser("serve", help="serve the OpenAI chat-completions protocol (needs vpt_fast[serve])")
     serve.add_argument("--model", help="a VPT or Qwen2-VL checkpoint folder (default: the tiny random demo one)")
@@ -360,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the most tokens one engine step computes; longer prefills are chunked (vLLM's option; "
                             "default: the engine's, 2048)")
     serve.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")
+    _add_cache_options(serve)
     serve.add_argument("--default-max-tokens", type=_at_least(1), default=256,
                        help="the token limit of a round when a request gives none")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")

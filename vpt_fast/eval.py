@@ -200,6 +200,7 @@ class Summary:
     perceptions: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     workers: list[dict[str, str]] = field(default_factory=list)  # Ray: the actors that answered
+    caches: dict[str, int] = field(default_factory=dict)  # what the engine's caches saved this run (`cache_counts`)
 
     def add(self, row: dict[str, Any]) -> None:
         self.items += 1
@@ -220,6 +221,11 @@ class Summary:
         lines.append(f"perceptions: {kinds}")
         rate = self.items / self.seconds if self.seconds else 0.0
         lines.append(f"{rate:.2f} requests/s over {self.seconds:.1f} s")
+        c = self.caches
+        if c.get("prompt_tokens"):
+            lines.append(f"prompt tokens: {c['prompt_tokens']}, {c['cached_prompt_tokens']} of them from the prefix cache "
+                         f"({c['cached_prompt_tokens'] / c['prompt_tokens']:.0%}); images encoded: "
+                         f"{c['vision_encoder_images']} ({c['vision_cache_hits']} more from the encoder cache)")
         for w in self.workers:
             lines.append(f"worker: node {w['node'][:12]} pid {w['pid']} CUDA_VISIBLE_DEVICES={w['cuda_visible_devices']!r}")
         return "\n".join(lines)
@@ -273,9 +279,20 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, engine, *, mode: s
     left = pending(data, out, limit, retry_errors)
     summary = Summary(skipped=left.done, repeated=left.repeated)
     answerer = Answerer(engine, mode, max_new_tokens, force)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), cache_counts(engine)
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(left.items), desc="items", disable=not progress) as bar:
         for batch in batches(left.items, batch_size):
             write_rows(f, answerer.rows(batch), summary, bar)
     summary.seconds = time.perf_counter() - start
+    summary.caches = {k: v - before[k] for k, v in cache_counts(engine).items()}
     return summary
+
+
+CACHE_COUNTS = ("prompt_tokens", "computed_prompt_tokens", "cached_prompt_tokens", "vision_encoder_images",
+                "vision_cache_hits")
+
+
+def cache_counts(engine) -> dict[str, int]:
+    """The engine's counters of prompt tokens and images, computed and found in its caches."""
+    stats = engine.stats()
+    return {k: stats[k] for k in CACHE_COUNTS}

@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (a registry of its own, so several servers in a process
 do not collide): requests by finish reason, tokens, perceptions by kind, queue depth,
 running requests, KV blocks in use, time to first token and time per output token, and the
-engine's counters (preemptions, recomputed, prompt and spliced tokens prefilled)."""
+engine's counters (preemptions, recomputed, prompt and spliced tokens prefilled, prefix and
+encoder cache queries and hits)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,32 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
 
 
 class _EngineCounters:
-    """The engine's own counters (`Engine.stats()`), read when /metrics is scraped."""
+    """The engine's own counters (`Engine.stats()`), read when /metrics is scraped; those with a
+    vLLM equivalent under vLLM's name (prefix_cache_*, mm_cache_*)."""
 
-    NAMES = {"preemptions": "Requests preempted (and recomputed later)",
-             "recomputed_tokens": "Tokens prefilled again after a preemption",
-             "computed_prompt_tokens": "Prompt tokens prefilled",
-             "spliced_tokens": "Tokens of perception segments prefilled"}
+    NAMES = {"preemptions": ("vpt_fast_engine_preemptions", "Requests preempted (and recomputed later)"),
+             "recomputed_tokens": ("vpt_fast_engine_recomputed_tokens", "Tokens prefilled again after a preemption"),
+             "computed_prompt_tokens": ("vpt_fast_engine_computed_prompt_tokens", "Prompt tokens prefilled"),
+             "cached_prompt_tokens": ("vpt_fast_engine_cached_prompt_tokens",
+                                      "Prompt tokens found in the prefix cache at their request's first admission"),
+             "spliced_tokens": ("vpt_fast_engine_spliced_tokens", "Tokens of perception segments prefilled"),
+             "prefix_cache_queries": ("vpt_fast_prefix_cache_queries",
+                                      "Prefix cache queries, in tokens (every admission, recomputations included)"),
+             "prefix_cache_hits": ("vpt_fast_prefix_cache_hits", "Prefix cache hits, in tokens"),
+             "vision_cache_queries": ("vpt_fast_mm_cache_queries",
+                                      "Encoder cache lookups, in images (first images, crops, branch inputs)"),
+             "vision_cache_hits": ("vpt_fast_mm_cache_hits", "Encoder cache hits, in images"),
+             "vision_encoder_images": ("vpt_fast_engine_vision_encoder_images",
+                                       "Images, crops and branch inputs actually encoded")}
 
     def __init__(self, engine):
         self.engine = engine
 
     def collect(self):
         stats = self.engine.stats()
-        for name, help_text in self.NAMES.items():
-            family = CounterMetricFamily(f"vpt_fast_engine_{name}", help_text)
-            family.add_metric([], stats[name])
+        for key, (name, help_text) in self.NAMES.items():
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], stats[key])
             yield family
 
 

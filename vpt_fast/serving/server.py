@@ -30,7 +30,8 @@ def make_app(args, replica_id: str | None = None):
     bundle = load_vpt_checkpoint(model_path, dtype=args.dtype, device=args.device)
     engine = Engine(bundle, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
                     kv_cache_gib=args.kv_cache_gib,
-                    max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
+                    max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                    enable_prefix_caching=args.enable_prefix_caching, encoder_cache_gib=args.encoder_cache_gib)
     if engine.graph_capture is not None:
         capture = engine.graph_capture
         logger.warning("warm-up: decode graphs for batch sizes up to %d captured in %.1f s (%.0f MiB)",
