@@ -151,16 +151,19 @@ class PrefixCache:
         return found
 
     def waits(self, r, found: list[int]) -> bool:
-        """Whether r's next block after `found` is being computed by a running request: r then
-        waits a step or more and finds it, instead of computing it too (requests with a
-        common prefix that arrive together: questions about one image in a batch)."""
+        """Whether r should wait for blocks running requests are computing: when the blocks
+        after `found` that are coming cover at least half of what r would compute now, r
+        waits a step or more and finds them, instead of computing them too (requests with a
+        common prefix arriving together: questions about one image in a batch). A short
+        common prefix (the system prompt) is not worth a step's wait."""
         if not self.enabled:
             return False
-        nxt = len(found)
-        if nxt >= (len(r.ids) - 1) // self.bs:
-            return False
-        h = r.block_hashes[nxt]
-        return h is not None and self._coming.get(h, r.id) != r.id
+        coming, most = 0, (len(r.ids) - 1) // self.bs
+        for h in r.block_hashes[len(found):most]:
+            if h is None or self._coming.get(h, r.id) == r.id:
+                break
+            coming += 1
+        return coming > 0 and 2 * coming * self.bs >= len(r.ids) - len(found) * self.bs
 
     def expect(self, r, found: list[int]) -> None:
         """r was admitted with `found`: the rest of its prompt's full blocks are coming."""

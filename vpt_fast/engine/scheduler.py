@@ -10,8 +10,10 @@ feeds that token.
 Requests join and leave at every step. One `step()`:
 1. prefills what became due: perception segments spliced at the last step, then waiting
    requests (new ones, and preempted ones recomputed from their tokens) in arrival order
-   while blocks and batch room last: one vision-tower call, one encoder call per branch,
-   one ragged prefill for all;
+   while blocks and batch room last, each taking the leading blocks the prefix cache holds
+   for it (a request whose next block another request is computing waits for it; see
+   `prefix_cache`): one vision-tower call, one encoder call per branch (images found in the
+   encoder cache skip them), one ragged prefill for all;
 2. chooses the next token of every running request and decodes them in one step (a CUDA
    graph per batch-size bucket); a request whose round ends gets its perception spliced
    in (prefilled at the next step) or finishes;

@@ -59,14 +59,14 @@ class SegmentRunner:
     def _vision(self, requests: list[Request]) -> None:
         """Features of every wanted image of these requests: from the encoder cache, else with
         one vision-tower call for all (an image wanted twice is encoded once)."""
-        todo: dict[bytes, list[tuple[Request, int, int]]] = {}
+        todo: dict = {}  # images to encode, by key (by request and run with the cache off)
         for r in requests:
             for start, k in self._wanted_images(r):
                 found = self.encoder_cache.get(r.image_keys[k])
                 if found is not None:
                     r.spans[start] = found
                 else:
-                    todo.setdefault(r.image_keys[k], []).append((r, start, k))
+                    todo.setdefault(self._same(r.image_keys[k], r, start), []).append((r, start, k))
         if not todo:
             return
         firsts = [group[0] for group in todo.values()]
@@ -79,11 +79,16 @@ class SegmentRunner:
         sizes = (grid.prod(-1) // self.merge**2).tolist()
         for (key, group), f in zip(todo.items(), torch.split(feats, sizes)):
             f = f.to(self.runner.dtype)
-            if len(todo) > 1:  # a view would keep the whole batch's features alive in the cache
+            if self.encoder_cache.budget and len(todo) > 1:  # a view would keep the whole batch's features alive
                 f = f.clone()
-            self.encoder_cache.put(key, f)
+            self.encoder_cache.put(group[0][0].image_keys[group[0][2]], f)
             for r, start, _ in group:
                 r.spans[start] = f
+
+    def _same(self, key: bytes, r: Request, start: int):
+        """What groups the images encoded once in a call: their key, or with the encoder cache
+        off (nothing reused) each request's own run."""
+        return key if self.encoder_cache.budget else (key, r.id, start)
 
     def _device_pixels(self, wanted: list[tuple[Request, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch rows of images (request, image index) on the device: a `PixelImage`'s own rows;
@@ -123,20 +128,22 @@ class SegmentRunner:
                 for r in group:
                     out[r.id] = r.spans[runs(r.ids, self.vocab.image_pad)[0][0]]
                 continue
-            todo: dict[bytes, list[Request]] = {}  # by key: requests whose features are still to make
+            todo: dict = {}  # requests whose features are still to make, by key
             for r in group:
                 if r.pending_reencode.features is None:  # else a chunk before had them made
                     r.pending_reencode.features = self.encoder_cache.get(r.pending_reencode.key)
                 if r.pending_reencode.features is None:
-                    todo.setdefault(r.pending_reencode.key, []).append(r)
+                    todo.setdefault(self._same(r.pending_reencode.key, r, 0), []).append(r)
             if todo:
                 firsts = [same[0] for same in todo.values()]
                 pixels = torch.cat([r.pending_reencode.model_input for r in firsts]).to(self.device, self.runner.dtype)
                 feats = branch_features(self.bundle, kind, pixels)
                 self.encoded_images += len(firsts)
-                for j, (key, same) in enumerate(todo.items()):
-                    one = feats[j : j + 1].clone() if len(todo) > 1 else feats
-                    self.encoder_cache.put(key, one)
+                for j, same in enumerate(todo.values()):
+                    one = feats[j : j + 1]
+                    if self.encoder_cache.budget and len(todo) > 1:
+                        one = one.clone()
+                    self.encoder_cache.put(same[0].pending_reencode.key, one)
                     for r in same:
                         r.pending_reencode.features = one
             for r in group:
