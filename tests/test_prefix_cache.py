@@ -358,3 +358,23 @@ def test_eval_cli_with_and_without_the_caches(tiny_ckpt, tmp_path, monkeypatch, 
             assert "prompt tokens: " in printed and "images encoded: 2 (" in printed
     assert rows[0] == rows[1] and len(rows[0]) == 8
     assert [(k["enable_prefix_caching"], k["encoder_cache_gib"]) for k in built] == [(True, None), (False, 0.0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant, script", [("region", region(([2, 4], [5, 6]))), ("clip", action("clip"))])
+def test_the_caches_on_gpu_with_graphs(tiny_ckpt, variant, script):
+    """On CUDA (captured decode steps, the device's attention kernels, float32): questions about
+    shared images one by one and together, and under a cache too small for them, equal the
+    engine with the caches off."""
+    from vpt_fast.checkpoint import load_vpt_checkpoint
+
+    b = load_vpt_checkpoint(tiny_ckpt(variant), device="cuda")
+    images = [rand_image(400, 300, 30 + i) for i in range(2)]
+    jobs = [(images[i % 2], f"<image>\nQuestion {i}?", GREEDY, toks(b.tokenizer, script) if i % 3 else None)
+            for i in range(6)]
+    for options in (dict(block_size=8), dict(block_size=8, kv_cache_tokens=700, max_batch_size=4)):
+        engine, off = Engine(b, **options), Engine(b, **options, **OFF)
+        assert_same(one_by_one(engine, jobs), one_by_one(off, jobs), f"{variant} one by one {options}")
+        assert_same(together(engine, jobs), together(off, jobs), f"{variant} together {options}")
+        assert engine.stats()["cached_prompt_tokens"] > 0
+        assert_nothing_held(engine)
