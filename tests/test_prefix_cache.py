@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import pytest
 import torch
@@ -378,3 +379,24 @@ def test_the_caches_on_gpu_with_graphs(tiny_ckpt, variant, script):
         assert_same(together(engine, jobs), together(off, jobs), f"{variant} together {options}")
         assert engine.stats()["cached_prompt_tokens"] > 0
         assert_nothing_held(engine)
+
+
+def test_pad_tokens_the_model_writes_itself_end_no_other_request(tiny_bundle):
+    """A round 1 that writes `<|image_pad|>` tokens (pads with no image of their own) is cached
+    without a hash for those blocks and goes on; one that writes a re-encoding pad before asking
+    for a re-encoding ends alone with an error naming it: the request beside it is untouched."""
+    b = tiny_bundle("clip")
+    tok = b.tokenizer
+    image = rand_image(40, 40)
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    written = toks(tok, "hello there") + [pad] * 20 + toks(tok, " and more text to fill a block")
+    reencode = toks(tok, "look <|clip_image_pad|> now") + toks(tok, action("clip"))
+    engine = Engine(b)
+    got = engine.generate([image] * 3, ["<image>\nWhat?"] * 3, 80, forced_tokens=[written, reencode, None])
+    (alone,) = Engine(b).generate([image], ["<image>\nWhat?"], 80)
+    assert got[0].finish_reason == "length" and got[0].token_ids[: len(written)] == written
+    assert got[1].finish_reason == "error" and re.fullmatch(
+        r"request 1: round 0 holds a re-encoding pad token the next round would read again as an image; "
+        r"the request cannot go on", got[1].error)
+    assert got[2].token_ids == alone.token_ids
+    assert engine.kv_blocks_used == 0

@@ -115,9 +115,11 @@ class PrefixCache:
                         continue
                     if j == 0 or ids[j - 1] != pad:  # a run begins here
                         starts.append(j)
-                    # a run reaching into the block: its image (the k-th run) and where it starts
-                    extra += [r.image_keys[len(starts) - 1], starts[-1].to_bytes(8, "little")]
-            if prev is None or not self.barrier.isdisjoint(block):
+                    # a run reaching into the block: its image (the k-th run) and where it starts; pads
+                    # with no image of their own (the model wrote them) make the block unshareable
+                    k = len(starts) - 1
+                    extra += [r.image_keys[k] if k < len(r.image_keys) else None, starts[-1].to_bytes(8, "little")]
+            if prev is None or None in extra or not self.barrier.isdisjoint(block):
                 done.append(None)
             else:
                 done.append(_digest(prev, np.asarray(block, np.int64).tobytes(), *extra))

@@ -72,8 +72,10 @@ class Splicer:
             r.finish("no_room", f"request {r.id}: the perception segment needs {len(new_ids) - keep} tokens after "
                                 f"position {keep} ({len(new_ids)} in all), more than {self.bound}")
             return
-        if any(t in self.reencode_pads for t in r.ids[keep:]):
-            raise RuntimeError(f"request {r.id}: a rollback reached an earlier re-encoded image")
+        if any(t in self.reencode_pads for t in r.ids[keep:]):  # the model wrote one itself: this request alone ends
+            r.finish("error", f"request {r.id}: round {r.round} holds a re-encoding pad token the next round would read "
+                              f"again as an image; the request cannot go on")
+            return
         rolled = len(r.ids) - keep
         self.rollback(r, keep)
         r.turns += plan.turns
