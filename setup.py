@@ -69,6 +69,7 @@ setup(
         "pillow",
         "numpy",
         "tqdm",
+        "xgrammar>=0.2.9",  # structured outputs (grammar-constrained answers)
     ],
     extras_require={
         "triton": ["triton>=3.6"],

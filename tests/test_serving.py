@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from vpt_cases import action, rand_image, region, toks
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from vpt_fast import SamplingParams  # noqa: E402
 from vpt_fast.engine import AsyncEngine, Engine  # noqa: E402
 from vpt_fast.serving.app import ServeConfig, build_app  # noqa: E402
 
@@ -133,7 +135,12 @@ def error_cases():
                                      r"temperature: Input should be less than or equal to 2", "temperature"),
         "max_tokens zero": (400, {"messages": ok, "max_tokens": 0},
                             r"max_tokens: Input should be greater than or equal to 1", "max_tokens"),
-        "n of 2": (400, {"messages": ok, "n": 2}, r"n: Input should be less than or equal to 1", "n"),
+        "n of 17": (400, {"messages": ok, "n": 17}, r"n: Input should be less than or equal to 16", "n"),
+        "five stop strings": (400, {"messages": ok, "stop": ["a", "b", "c", "d", "e"]},
+                              r"stop takes at most 4 non-empty strings of at most 256 characters", None),
+        "a grammar that does not compile": (400, {"messages": ok, "structured_outputs": {"regex": "[a-"}},
+                                            r"structured_outputs.regex: the regex cannot be compiled: Regex parsing "
+                                            r"error at position 4: Unclosed '\['", "structured_outputs.regex"),
         "tools": (400, {"messages": ok, "tools": [{"type": "function", "function": {"name": "f"}}]},
                   r"tools is not supported by vpt_fast", None),
         "unknown vpt_mode": (400, {"messages": ok, "vpt_mode": "zoom"},
@@ -260,3 +267,110 @@ def test_metrics_carry_the_engines_counters(served):
     for name, exported in names.items():
         assert metric(base_url, f"{exported}_total") == stats[name], name
     assert stats["computed_prompt_tokens"] > 0 and metric(base_url, "vpt_fast_prefix_cache_hits_total") > before
+
+
+# ---------------------------------------------------------------------------- what real clients send
+
+
+def engine_answer(bundle, image, text, params):
+    """The engine's own answers (all n) to one request, alone."""
+    engine = Engine(bundle)
+    rid = engine.add_request(image, "<image>" + text, params)
+    out = {}
+    while engine.has_unfinished():
+        for e in engine.step():
+            if e.request == rid and hasattr(e, "result"):
+                out[e.index] = e.result
+    return [out[k] for k in sorted(out)]
+
+
+def streamed(stream) -> tuple[dict[int, str], dict[int, list], dict[int, str]]:
+    """Per choice index: the streamed text, the logprob entries, the finish reason."""
+    text, logprobs, finish = {}, {}, {}
+    for c in stream:
+        for ch in c.choices:
+            text[ch.index] = text.get(ch.index, "") + (ch.delta.content or "")
+            if ch.logprobs is not None and ch.logprobs.content:
+                logprobs.setdefault(ch.index, []).extend(ch.logprobs.content)
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    return text, logprobs, finish
+
+
+def test_logprobs_n_and_penalties_through_the_openai_client(tiny_bundle, client):
+    """n = 3 sampled answers with a seed, presence and frequency penalties, logprobs with 4
+    alternatives: each choice is the engine's answer k (tokens, text), its logprobs the engine's
+    (the tokens of its content, the ending <|im_end|> left out), streamed as not; the same call
+    again gives the same choices."""
+    bundle = tiny_bundle("clip")
+    image = rand_image(70, 60, 5)
+    params = SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.9, seed=42, n=3, presence_penalty=0.5,
+                            frequency_penalty=0.3, logprobs=4)
+    want = engine_answer(bundle, image, "What is on the left?", params)
+    body = dict(model=MODEL, messages=messages(image), max_tokens=10, temperature=0.9, seed=42, n=3,
+                presence_penalty=0.5, frequency_penalty=0.3, logprobs=True, top_logprobs=4)
+    got = client.chat.completions.create(**body)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    tok = bundle.tokenizer
+    for c, w in zip(got.choices, want):
+        assert c.model_extra["vpt"]["token_ids"] == w.token_ids and c.message.content == w.text
+        shown = w.answer_ids if w.trace else w.round1_ids
+        ids = shown[:-1] if shown and shown[-1] == bundle.vocab.im_end else shown
+        entries = c.logprobs.content
+        assert [e.token for e in entries] == [tok.decode([t], skip_special_tokens=False) for t in ids]
+        assert [e.logprob for e in entries] == pytest.approx([x.logprob for x in w.logprobs[len(w.logprobs) - len(shown):]][: len(ids)])
+        assert all(len(e.top_logprobs) == 4 and e.bytes == list(e.token.encode()) for e in entries)
+    assert got.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    again = client.chat.completions.create(**body)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in got.choices]
+    text, logprobs, finish = streamed(client.chat.completions.create(**body, stream=True))
+    for k, w in enumerate(want):
+        if not w.trace:  # a perception's round-1 tokens come before it in a stream
+            assert text[k] == w.text and [e.logprob for e in logprobs[k]] == pytest.approx([x.logprob for x in w.logprobs])
+        assert finish[k] == ("length" if w.finish_reason == "length" else "stop")
+
+
+def test_stop_strings_through_the_openai_client(tiny_bundle, client):
+    """A stop string from the middle of the greedy answer: content and stream both end before it
+    (or with it, include_stop_str_in_output), finish_reason "stop", stop_reason naming it."""
+    bundle = tiny_bundle("clip")
+    image = rand_image(50, 40, 6)
+    (plain,) = engine_answer(bundle, image, "Tell me more.", SamplingParams(max_new_tokens=24, stop_token_ids=()))
+    text = plain.text
+    stop = next(text[i : i + 3] for i in range(3, len(text) - 3) if "\ufffd" not in text[i : i + 3]
+                and text.find(text[i : i + 3]) == i)
+    at = text.find(stop)
+    for include in (False, True):
+        body = dict(model=MODEL, messages=messages(image, "Tell me more."), max_tokens=24, temperature=0,
+                    stop=[stop, "never-written"], extra_body={"include_stop_str_in_output": include})
+        got = client.chat.completions.create(**body)
+        c = got.choices[0]
+        assert c.message.content == text[: at + (len(stop) if include else 0)]
+        assert c.finish_reason == "stop" and c.model_extra["stop_reason"] == stop
+        text_streamed, _, finish = streamed(client.chat.completions.create(**body, stream=True))
+        assert text_streamed[0] == c.message.content and finish[0] == "stop"
+
+
+@pytest.mark.parametrize("field", ["response_format json_schema", "response_format json_object",
+                                   "structured_outputs choice", "structured_outputs regex"])
+def test_structured_outputs_through_the_openai_client(client, field):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    body, check = {
+        "response_format json_schema": (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+            lambda t: set(json.loads(t)) == {"ok", "n"} and json.loads(t)["n"] in (1, 2, 3)),
+        "response_format json_object": ({"response_format": {"type": "json_object"}},
+                                        lambda t: isinstance(json.loads(t), dict)),
+        "structured_outputs choice": ({"extra_body": {"structured_outputs": {"choice": ["cat", "dog"]}}},
+                                      lambda t: t in ("cat", "dog")),
+        "structured_outputs regex": ({"extra_body": {"structured_outputs": {"regex": "[0-9]{3}"}}},
+                                     lambda t: re.fullmatch("[0-9]{3}", t) is not None),
+    }[field]
+    # no image: the answer is constrained from its first token
+    got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Answer."}], max_tokens=120,
+                                         temperature=1.0, seed=3, n=4, **body)
+    for c in got.choices:
+        if field.endswith("json_object") and c.finish_reason == "length":
+            continue  # an unbounded object may outgrow the limit
+        assert c.finish_reason == "stop" and check(c.message.content), c.message.content

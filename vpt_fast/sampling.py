@@ -3,11 +3,13 @@ pipeline and the engine."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -16,6 +18,9 @@ from . import _hf_compat
 
 MIN_TEMPERATURE = 0.01
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000  # bounds of `stop` (the server takes OpenAI's 4)
+MAX_LOGPROBS = 20  # OpenAI's bound of top_logprobs
+MAX_N = 16
 
 
 def _is_int(value) -> bool:
@@ -37,6 +42,20 @@ class SamplingParams:
     in the sequence (prompt included) is divided by it when positive, multiplied when not.
     stop_token_ids: tokens that end a round as `<|im_end|>` does (e.g. a checkpoint's other
     end-of-sequence ids); a round always ends at `<|im_end|>`.
+    stop: strings that end the request when the text of a round (special tokens left out)
+    contains one, even split across tokens: the text ends before it (with it, when
+    include_stop_str_in_output), the finish reason is "stop" and `stop_reason` names it; a
+    round-1 text that holds one ends the request before any perception.
+    presence_penalty / frequency_penalty: OpenAI's rule over the tokens generated in the
+    current round (a round after a perception starts afresh, as the two-round flow's second
+    generate does): the logit of a token generated c > 0 times so far is lowered by
+    presence_penalty + c * frequency_penalty; in [-2, 2]. Applied after the repetition penalty.
+    logprobs: None, or 0-20: each generated token's log-probability and that many most likely
+    alternatives, from the model's raw distribution (before penalties, temperature and
+    filtering: vLLM's default `logprobs_mode`).
+    n: answers to the prompt (1-16), sharing its prefill; answer k > 0 samples with a seed
+    derived from (seed, k) (`answer_seed`), answer 0 with the seed itself.
+    structured: a `StructuredOutput` the answer must follow (see `engine.structured`).
     """
 
     max_new_tokens: int = 64
@@ -50,6 +69,13 @@ class SamplingParams:
     return_logits: bool = False
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    n: int = 1
+    structured: "StructuredOutput | None" = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "answer_max_new_tokens"):
@@ -81,10 +107,82 @@ class SamplingParams:
         if isinstance(stops, (str, bytes)) or not isinstance(stops, Sequence) or not all(_is_int(t) and t >= 0 for t in stops):
             raise ValueError(f"stop_token_ids must be a sequence of token ids, got {stops!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stops))
+        words = self.stop
+        if isinstance(words, str):
+            words = (words,)
+        if not isinstance(words, Sequence) or not all(isinstance(w, str) and w for w in words):
+            raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+        if len(words) > MAX_STOP_STRINGS or any(len(w) > MAX_STOP_CHARS for w in words):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters, "
+                             f"got {len(words)} of up to {max(map(len, words))}")
+        object.__setattr__(self, "stop", tuple(words))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an int in [1, {MAX_N}], got {self.n!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput or None, got {type(self.structured).__name__}")
 
     @property
     def answer_limit(self) -> int:
         return self.max_new_tokens if self.answer_max_new_tokens is None else self.answer_max_new_tokens
+
+    @property
+    def penalizes_counts(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def answer_seed(seed: int, k: int) -> int:
+    """The sampling seed of answer k of a request with n > 1 answers: the seed itself for
+    answer 0 (so it is the answer n = 1 gives), a hash of (seed, k) for the others."""
+    if k == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+STRUCTURED_KINDS = ("json_object", "json_schema", "choice", "regex", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the answer's text: kind "json_object" (any JSON object; spec None),
+    "json_schema" (spec: the schema, a dict or its JSON text), "choice" (spec: the allowed
+    strings), "regex" (spec: a regular expression) or "grammar" (spec: an EBNF grammar, as
+    xgrammar and vLLM read it)."""
+
+    kind: str
+    spec: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}")
+        spec = self.spec
+        if self.kind == "json_object":
+            if spec is not None:
+                raise ValueError("a json_object structured output takes no spec")
+        elif self.kind == "json_schema":
+            if isinstance(spec, dict):
+                try:
+                    spec = json.dumps(spec, sort_keys=True)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"the JSON schema cannot be written as JSON: {e}") from None
+            if not isinstance(spec, str) or not spec:
+                raise ValueError(f"a json_schema structured output takes a schema (dict or JSON text), got {type(spec).__name__}")
+        elif self.kind == "choice":
+            if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec \
+                    or not all(isinstance(c, str) and c for c in spec):
+                raise ValueError(f"a choice structured output takes a non-empty list of non-empty strings, got {spec!r}")
+            spec = tuple(spec)
+        elif not isinstance(spec, str) or not spec:
+            raise ValueError(f"a {self.kind} structured output takes a non-empty string, got {type(spec).__name__}")
+        object.__setattr__(self, "spec", spec)
 
 
 def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -44,17 +44,24 @@ class RequestRejected(ValueError):
         self.reason = reason
 
 
+def _last(event: Event) -> bool:
+    """Whether an event is a request's last (its last answer's FinishEvent)."""
+    return isinstance(event, FinishEvent) and event.final
+
+
 class RequestHandle:
     """One submitted request: iterate its events (in a thread or with `async for`), wait for
     its result, or abort it."""
 
-    def __init__(self, owner: "AsyncEngine", request_id: int):
+    def __init__(self, owner: "AsyncEngine", request_id: int, params: SamplingParams | None = None):
         self.id = request_id
+        self.params = params if params is not None else SamplingParams()  # how it generates
         self._owner = owner
         self._events: list[Event] = []
         self._cond = threading.Condition()
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._result: GenerationResult | None = None
+        self._results: dict[int, GenerationResult] = {}  # by answer index
 
     @property
     def finished(self) -> bool:
@@ -64,7 +71,9 @@ class RequestHandle:
         with self._cond:
             self._events.append(event)
             if isinstance(event, FinishEvent):
-                self._result = event.result
+                self._results[event.index] = event.result
+                if event.final:
+                    self._result = self._results.get(0, event.result)
             self._cond.notify_all()
             watchers = list(self._watchers)
         for loop, ready in watchers:
@@ -82,7 +91,7 @@ class RequestHandle:
                 new = self._events[seen:]
             seen += len(new)
             yield from new
-            if isinstance(new[-1], FinishEvent):
+            if _last(new[-1]):
                 return
 
     async def __aiter__(self) -> AsyncIterator[Event]:
@@ -99,7 +108,7 @@ class RequestHandle:
                 seen += len(new)
                 for event in new:
                     yield event
-                if new and isinstance(new[-1], FinishEvent):
+                if new and _last(new[-1]):
                     return
                 if not new:
                     await ready.wait()
@@ -108,11 +117,18 @@ class RequestHandle:
                 self._watchers.remove((loop, ready))
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        """Wait for the request to finish; TimeoutError after `timeout` seconds."""
+        """Wait for the request to finish (all its answers); its result (answer 0's; `results`
+        has them all); TimeoutError after `timeout` seconds."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._result is not None, timeout):
                 raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
             return self._result
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        """The answers finished so far, by index (all n once the request is finished)."""
+        with self._cond:
+            return [self._results[k] for k in sorted(self._results)]
 
     async def wait(self) -> GenerationResult:
         """The result, awaited."""
@@ -167,7 +183,7 @@ class AsyncEngine:
         request = self.engine.prepare(image, prompt, params, forced_tokens)
         if strict and request.finished:
             raise RequestRejected(request.finish_reason, request.error)
-        handle = RequestHandle(self, request.id)
+        handle = RequestHandle(self, request.id, request.params)
         with self._cond:
             self.engine.check_alive()
             if self._closing:
@@ -320,7 +336,7 @@ class AsyncEngine:
             handle = handles.get(event.request)
             if handle is not None:
                 handle._push(event)
-        finished = [event.request for event in events if isinstance(event, FinishEvent)]
+        finished = [event.request for event in events if _last(event)]
         if finished:
             with self._cond:
                 for request_id in finished:

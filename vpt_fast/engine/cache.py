@@ -68,6 +68,12 @@ class PagedKVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Write block src's keys and values, every layer, into block dst (a partial block of a
+        sequence that forks: each branch writes its own)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
     def allocate(self, n: int) -> list[int]:
         """n blocks for one holder: blocks without a hash first (the most recently freed), then
         the least recently released cached ones, whose hashes are forgotten."""

@@ -47,7 +47,7 @@ from PIL import Image
 from ..checkpoint import VPTBundle, resolve_device, resolve_dtype
 from ..ops import set_backend
 from ..ops._registry import device_guard
-from ..sampling import SamplingParams, check_batch
+from ..sampling import SamplingParams, answer_seed, check_batch
 from .cache import PagedKVCache, SequenceBound
 from .decode import BUCKETS, DecodeStep
 from .encoder_cache import EncoderCache
@@ -57,7 +57,10 @@ from .sampler import BatchSampler
 from .segments import SegmentRunner
 from .splice import Splicer
 from .requests import RequestIntake, result_of
-from .state import Event, FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, Request, Status, TokenEvent
+from .state import (Event, FinishEvent, GenerationResult, PerceptionEvent, PerceptionTrace, Request, Status, TokenEvent,
+                    TokenLogprob)
+from .structured import GrammarBook
+from .text import IncrementalText, find_stop
 
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -195,11 +198,21 @@ class Engine:
         self.prefix_cache = PrefixCache(self.cache, self.vocab.image_pad, reencoding | self.action_ids,
                                         self.action_ids if self.two_pass else set(), enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
-        self._intake = RequestIntake(bundle, self.bound, settings)
+        # what opens a perception this engine serves: allowed where a constrained answer would begin
+        openers = frozenset(t for t in [self.vocab.region_start, *(a.start for k, a in self.vocab.actions.items()
+                                                                   if k in bundle.reencode_kinds)] if t is not None)
+        v = self.vocab
+        reserved = {v.image_pad, v.vision_start, v.vision_end, v.region_start, v.region_end, *(v.x or ()), *(v.y or ()),
+                    *(t for a in v.actions.values() for t in dataclasses.astuple(a))}
+        self.grammars = GrammarBook(bundle.tokenizer, self.runner.lm_head.weight.shape[0], v.im_end, openers,
+                                    frozenset(t for t in reserved if t is not None))
+        self._bitmask: torch.Tensor | None = None  # (max_batch_size, words) int32, made when first needed
+        self._intake = RequestIntake(bundle, self.bound, settings, self.grammars)
         self._waiting: list[Request] = []  # by arrival
         self._running: list[Request] = []  # by arrival
         self._done: list[Request] = []  # finished outside a step (failed checks, aborted): reported by the next step
-        self._requests: dict[int, Request] = {}  # every request not yet reported finished
+        self._requests: dict[int, Request] = {}  # every request not yet reported finished (each answer of n)
+        self._left: dict[int, int] = {}  # answers not yet finished, by group, for requests with n > 1
         self._ids = itertools.count()
         self.num_preemptions = 0  # requests preempted so far (and recomputed later)
         self._stats = dict.fromkeys(("prompt_tokens", "computed_prompt_tokens", "cached_prompt_tokens", "spliced_tokens",
@@ -279,34 +292,33 @@ class Engine:
 
     # ------------------------------------------------------------------ batch API
 
-    def generate(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, **kwargs) -> list[GenerationResult]:
-        """Answer a batch of requests; one GenerationResult per request, in order.
+    def generate(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, **kwargs) -> list:
+        """Answer a batch of requests; one GenerationResult per request, in order (with n > 1,
+        one list of n GenerationResults per request, by answer index).
 
         Same arguments as `stream`.
         """
-        results: list[GenerationResult | None] = [None] * len(prompts)
-        for event in self.stream(images, prompts, max_new_tokens, forced_tokens, **kwargs):
-            if isinstance(event, FinishEvent):
-                results[event.request] = event.result
-        return results  # type: ignore[return-value]
+        return _collect(self.stream(images, prompts, max_new_tokens, forced_tokens, **kwargs), len(prompts),
+                        kwargs.get("n", 1))
 
     def stream(self, images, prompts, max_new_tokens: int = 64, forced_tokens=None, *, do_sample: bool = False,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                answer_max_new_tokens: int | None = None, max_perception_rounds: int = 1,
-               return_logits: bool = False) -> Iterator[Event]:
+               return_logits: bool = False, **options) -> Iterator[Event]:
         """Generate, yielding tokens, perceptions and finished requests as they happen; events
         name requests by their index in this call.
 
         images / prompts / forced_tokens: one image (path or PIL) and one prompt (at most one
         `<image>`) per request; forced_tokens[i] scripts the first round-1 tokens of request
-        i. The other arguments make one `SamplingParams` for every request (each sampled
-        request's noise comes from `seed`: see `sampler`). A request whose image, prompt or
+        i. The other arguments, and any other `SamplingParams` field given by name (stop,
+        presence_penalty, logprobs, n, structured, ...), make one `SamplingParams` for every
+        request (each sampled request's noise comes from `seed`: see `sampler`). A request whose image, prompt or
         forced tokens are unusable finishes with reason "error" and its message; the others
         go on. The engine must have no request of the step API in flight.
         """
         params = SamplingParams(max_new_tokens=max_new_tokens, answer_max_new_tokens=answer_max_new_tokens,
                                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                max_perception_rounds=max_perception_rounds, return_logits=return_logits)
+                                max_perception_rounds=max_perception_rounds, return_logits=return_logits, **options)
         forced = check_batch(images, prompts, forced_tokens)
         yield from self._batch([(images[i], prompts[i], params, forced[i]) for i in range(len(prompts))])
 
@@ -321,7 +333,8 @@ class Engine:
         conversation (default: greedy, 64 tokens a round); forced_tokens: round-1 tokens to
         script (one list for a single conversation, one entry per conversation for a batch).
         A conversation whose messages or image are unusable finishes with reason "error" and
-        its message; the others go on."""
+        its message; the others go on. With params.n > 1, each conversation's answer is a list
+        of n GenerationResults."""
         from ..chat import from_messages
         from ..media import MediaError, MediaPolicy
 
@@ -346,13 +359,15 @@ class Engine:
                 failed[i] = f"conversation {i}: {e}" if not single else str(e)
                 image, conversation = None, None
             jobs.append((image, conversation, params, forced[i]))
-        results = [None] * len(batch)
+        n = params.n if params is not None else 1
         todo = [i for i in range(len(batch)) if i not in failed]
-        for event in self._batch([jobs[i] for i in todo]):
-            if isinstance(event, FinishEvent):
-                results[todo[event.request]] = event.result
+        answered = _collect(self._batch([jobs[i] for i in todo]), len(todo), n)
+        results: list = [None] * len(batch)
+        for i, answer in zip(todo, answered):
+            results[i] = answer
         for i, message in failed.items():
-            results[i] = GenerationResult([], [], [], "", "error", error=message)
+            failure = [GenerationResult([], [], [], "", "error", error=message, index=k) for k in range(n)]
+            results[i] = failure if n > 1 else failure[0]
         return results[0] if single else results
 
     def _batch(self, jobs, label: str = "request") -> Iterator[Event]:
@@ -402,25 +417,29 @@ class Engine:
 
     def _enqueue(self, r: Request) -> None:
         self._requests[r.id] = r
+        if r.params.n > 1:
+            self._left[r.id] = r.params.n
         (self._done if r.finished else self._waiting).append(r)
 
     def _abort(self, request_id: int) -> bool:
-        r = self._requests.get(request_id)
-        if r is None or r.finished:
-            return False
-        if r in self._running:
-            self._running.remove(r)
-        else:
-            self._waiting.remove(r)
-        self._release(r)
-        r.finish("abort", f"{r.name}: aborted")
-        self._done.append(r)
-        return True
+        """Abort every answer of the request `request_id` still going."""
+        aborted = False
+        for r in [m for m in self._requests.values() if m.group == request_id and not m.finished]:
+            if r in self._running:
+                self._running.remove(r)
+            else:
+                self._waiting.remove(r)
+            self._release(r)
+            r.finish("abort", f"{r.name}: aborted")
+            self._done.append(r)
+            aborted = True
+        return aborted
 
     def _drop_all(self) -> list[int]:
         """Forget every request (after a failed step, whose state cannot be trusted); their ids."""
-        ids = list(self._requests)
+        ids = list(dict.fromkeys(r.group for r in self._requests.values()))
         self._requests.clear()
+        self._left.clear()
         self._waiting.clear()
         self._running.clear()
         self._done.clear()
@@ -608,7 +627,8 @@ class Engine:
             if r.pending:
                 continue  # a chunk of it: the rest at the next steps
             r.prefill_kind = None
-            self._sampler.fill_seen(r.slot, r.ids)  # its sequence changed: the repetition penalty reads it anew
+            # its sequence changed: the penalties read it anew
+            self._sampler.fill_seen(r.slot, r.ids, r.round_ids)
             r.unseen = -1
             pending = r.pending_trace
             if pending is not None:
@@ -616,48 +636,123 @@ class Engine:
                                         now - pending.round_end_time)
                 r.trace.append(trace)
                 r.pending_trace = None
-                events.append(PerceptionEvent(r.id, trace))
+                events.append(PerceptionEvent(r.group, trace, r.index))
+            if r.unforked:
+                self._fork(r)
 
-    def _choose(self, ready: list[Request]) -> list[int | str]:
+    def _fork(self, r: Request) -> None:
+        """r's prompt is in the cache and its first logits are ready: its other n - 1 answers
+        start from here, each holding r's full blocks and a copy of its last partial block, with
+        the same logits and a seed of its own. An answer with no batch room or block for it
+        waits as a request of its own (and finds r's blocks when prefix caching is on)."""
+        bs = self.cache.block_size
+        full, partial = divmod(len(r.ids), bs)
+        n, r.unforked = r.unforked, 0
+        for k in range(r.params.n - n, r.params.n):
+            child = r.fork(next(self._ids), k, answer_seed(r.seed, k))
+            self._requests[child.id] = child
+            child.blocks, child.num_cached, child.published = [], 0, 0
+            child.logits = child.last_hidden = None
+            if len(self._running) >= self.max_batch_size or (partial and self.cache.num_free < 1):
+                child.status = Status.WAITING
+                child.counted = False
+                bisect.insort(self._waiting, child, key=lambda x: x.id)
+                continue
+            for block in r.blocks[:full]:
+                self.cache.share(block)
+            child.blocks = r.blocks[:full]
+            if partial:
+                (own,) = self.cache.allocate(1)
+                self.cache.copy_block(r.blocks[full], own)
+                child.blocks.append(own)
+            child.num_cached, child.published = len(r.ids), min(r.published, full)
+            child.logits, child.last_hidden = r.logits, r.last_hidden
+            child.slot = self._sampler.take(child.params, child.seed)
+            self._sampler.fill_seen(child.slot, child.ids, child.round_ids)
+            self._tables[child.slot, : len(child.blocks)] = child.blocks
+            child.status = Status.RUNNING
+            bisect.insort(self._running, child, key=lambda x: x.id)
+
+    def _choose(self, ready: list[Request]) -> tuple[list[int | str], list[TokenLogprob | None]]:
         """The next token of each request (forced, sampled from its own seed, or greedy: see
-        `sampler.BatchSampler`), or, for a request whose logits are not finite, the message it
-        ends with (that request alone: the others' tokens do not depend on it)."""
+        `sampler.BatchSampler`; within its grammar, with a structured output), or, for a request
+        whose logits are not finite, the message it ends with (that request alone: the others'
+        tokens do not depend on it); and each one's log-probability entry where asked for."""
         scores = torch.stack([r.logits for r in ready])
         for r, row in zip(ready, scores):
             if r.logits_log is not None:
                 r.logits_log.append(row.detach().to("cpu", copy=True))
         forced = [r.forced[len(r.round_ids)] if r.round == 0 and r.forced is not None and len(r.round_ids) < len(r.forced)
                   else -1 for r in ready]
-        tokens, finite = self._sampler.choose(scores, [r.slot for r in ready], [len(r.generated) for r in ready], forced,
-                                              [r.unseen for r in ready])
+        allowed = None
+        constrained = [b for b, r in enumerate(ready) if r.constraint is not None and r.constraint.active and forced[b] < 0]
+        if constrained:
+            if self._bitmask is None:
+                self._bitmask = torch.empty(self.max_batch_size, self.grammars.words, dtype=torch.int32)
+            allowed = self._bitmask[: len(ready)]
+            allowed.fill_(-1)
+            for b in constrained:
+                ready[b].constraint.fill(allowed, b)
+        k = max((r.params.logprobs for r in ready if r.params.logprobs is not None), default=-1)
+        alternative = [self.start_to_action.get(r.ids[-1], -1) for r in ready] if k >= 0 else None
+        tokens, finite, lp = self._sampler.choose(scores, [r.slot for r in ready], [len(r.generated) for r in ready],
+                                                  forced, [r.unseen for r in ready], allowed, k, alternative)
         chosen: list[int | str] = []
-        for r, t, ok in zip(ready, tokens, finite):
+        entries: list[TokenLogprob | None] = []
+        for b, (r, t, ok) in enumerate(zip(ready, tokens, finite)):
             r.unseen = -1
             chosen.append(t if ok else f"{r.name}: the model's logits hold NaN or infinite values; the request cannot go on")
-        return chosen
+            if r.params.logprobs is None:
+                entries.append(None)
+                continue
+            n = r.params.logprobs
+            top = list(zip(lp.top_ids[b][:n], lp.top_values[b][:n]))
+            # the chosen token's, and the action token's for when the decode puts it in the chosen one's place
+            entries.append((TokenLogprob(t, lp.chosen[b], top), TokenLogprob(alternative[b], lp.alternative[b], top)))
+        return chosen, entries
 
     def _decode(self, events: list[Event]) -> None:
         ready = [r for r in self._running if r.logits is not None]
         if not ready:
             return
         feed = []
-        for r, t in zip(ready, self._choose(ready)):
+        chosen, entries = self._choose(ready)
+        for r, t, entry in zip(ready, chosen, entries):
             r.logits = None
             if isinstance(t, str):
                 r.finish("error", t)
                 continue
             stop = t == self.vocab.im_end or t in r.params.stop_token_ids
             round_done = stop or len(r.round_ids) + 1 >= r.round_limit
+            substituted = False
             if not round_done:
                 action = self.start_to_action.get(r.ids[-1])
                 if action is not None:
+                    substituted = t != action
                     t = action  # the published decode forces <|X_action|> after <|X_action_start|>
             r.round_ids.append(t)
             r.generated.append(t)
-            events.append(TokenEvent(r.id, t, r.round))
+            if entry is not None:
+                entry = entry[1] if substituted else entry[0]
+                r.logprobs_log.append(entry)
+            events.append(TokenEvent(r.group, t, r.round, r.index, entry))
+            if r.constraint is not None and not r.constraint.take(t):
+                r.tail = [t]
+                r.finish("error", f"{r.name}: the scripted round-1 token {t} does not fit the structured output")
+                continue
+            if r.stop_text is not None and not stop and self._stop_string(r, t):
+                r.tail = [t]
+                r.end_round()
+                r.finish("stop")
+                continue
             if round_done:
                 r.tail = [t]
                 self._splicer.close_round(r, "stop" if stop else "length")
+                if not r.finished:  # a perception: the answer starts afresh
+                    if r.constraint is not None:
+                        r.constraint.next_round()
+                    if r.stop_text is not None:
+                        r.stop_text = IncrementalText(self.bundle.tokenizer)
                 continue
             if len(r.ids) >= self.limit:
                 r.tail = [t]
@@ -696,6 +791,19 @@ class Engine:
             if publish and r.num_cached % bs == 0:  # a block filled up
                 self.prefix_cache.publish(r)
 
+    def _stop_string(self, r: Request, token: int) -> bool:
+        """Whether `token` completes one of r's stop strings in its round's text."""
+        new = r.stop_text.add(token)
+        if not new:
+            return False
+        text = r.stop_text.text
+        longest = max(map(len, r.params.stop))
+        found = find_stop(text, r.params.stop, max(0, len(text) - len(new) - longest + 1))
+        if found is None:
+            return False
+        r.stop_reason = found[1]
+        return True
+
     def _retire(self, events: list[Event]) -> None:
         finished = self._done + [r for r in self._running if r.finished]
         self._done = []
@@ -705,9 +813,27 @@ class Engine:
             self._release(r)
             r.status = Status.FINISHED
             del self._requests[r.id]
-            events.append(FinishEvent(r.id, result_of(r, self.bundle.tokenizer, self.vocab.im_end)))
+            result = result_of(r, self.bundle.tokenizer, self.vocab.im_end)
+            # answers never forked (the request ended before its prefill did) end as it did
+            results = [result] + [dataclasses.replace(result, index=k) for k in range(r.params.n - r.unforked, r.params.n)]
+            r.unforked = 0
+            for one in results:
+                left = self._left.pop(r.group, 1) - 1
+                if left:
+                    self._left[r.group] = left
+                events.append(FinishEvent(r.group, one, one.index, final=left == 0))
 
     # ------------------------------------------------------------------ results
+
+
+def _collect(events: Iterator[Event], count: int, n: int) -> list:
+    """The results of `count` requests from their events: one GenerationResult each, or with
+    n > 1 answers, a list of n by index."""
+    results: list = [[None] * n for _ in range(count)]
+    for event in events:
+        if isinstance(event, FinishEvent):
+            results[event.request][event.index] = event.result
+    return [r[0] for r in results] if n == 1 else results
 
 
 def _largest_image_bytes(bundle: VPTBundle, dtype: torch.dtype) -> int:

@@ -12,6 +12,7 @@ the same inputs.
 
 from __future__ import annotations
 
+import copy
 import enum
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,16 @@ class PerceptionTrace:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution, and the most
+    likely tokens there (id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationResult:
     """One request's outcome. `token_ids` is everything generated; `round1_ids` and
     `answer_ids` split it as the two-round reference does."""
@@ -62,6 +73,9 @@ class GenerationResult:
     # conversation the two-round flow's round 2 reads, then the answer (its first
     # prompt_tokens ids are the round-1 prompt)
     sequence_ids: list[int] = field(default_factory=list)
+    index: int = 0  # which of the request's n answers
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it ("stop" only)
+    logprobs: list[TokenLogprob] | None = None  # with SamplingParams.logprobs: one per token of token_ids
 
 
 @dataclass
@@ -69,18 +83,26 @@ class TokenEvent:
     request: int
     token_id: int
     round: int  # 0 for round 1, k after k perceptions
+    index: int = 0  # which of the request's n answers
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs
 
 
 @dataclass
 class PerceptionEvent:
     request: int
     trace: PerceptionTrace
+    index: int = 0
 
 
 @dataclass
 class FinishEvent:
+    """One answer of a request finished; `final` when it was the request's last (n > 1 answers
+    finish one by one, each with its index)."""
+
     request: int
     result: GenerationResult
+    index: int = 0
+    final: bool = True
 
 
 Event = TokenEvent | PerceptionEvent | FinishEvent
@@ -179,6 +201,9 @@ class Request:
         without them the request has failed its checks with `error`."""
         self.id = request_id
         self.name = name or f"request {request_id}"  # how messages name it
+        self.group = request_id  # the id its events carry: its own, or that of the request it answers with
+        self.index = 0  # which of the group's n answers
+        self.unforked = params.n - 1  # answers still to fork from it when its prefill ends (n > 1)
         self.params = params
         self.forced = forced
         self.status = Status.WAITING
@@ -229,9 +254,35 @@ class Request:
         self.finish_reason: str | None = "error" if error is not None else None
         self.error = error
         self.logits_log: list[torch.Tensor] | None = [] if params.return_logits else None
+        self.logprobs_log: list[Any] | None = [] if params.logprobs is not None else None  # TokenLogprob each
+        self.constraint: Any = None  # structured.Constraint, with params.structured
+        self.stop_text: Any = None  # text.IncrementalText of the round, with params.stop
+        self.stop_reason: str | int | None = None
         self.round_end_time = 0.0
         if turn is not None:
             self.append(turn.ids, positions)
+
+    def fork(self, request_id: int, index: int, seed: int) -> "Request":
+        """Answer `index` of this request's group: a copy of its state now (sequence, cache
+        bookkeeping, what it generated) that goes on with its own seed. Blocks are copied as a
+        list: the caller takes its holds on them."""
+        new = copy.copy(self)
+        new.id, new.index, new.seed, new.unforked = request_id, index, seed, 0
+        new.name = f"{self.name} (answer {index})"
+        for name in ("turns", "images", "boxes", "image_keys", "block_hashes", "block_runs", "run_starts", "ids", "tail",
+                     "blocks", "round_ids", "generated", "round1_ids", "answer_ids", "trace", "logits_log",
+                     "logprobs_log"):
+            value = getattr(self, name)
+            setattr(new, name, list(value) if value is not None else None)
+        new.spans = dict(self.spans)
+        new.coming = []
+        new.positions = copy.deepcopy(self.positions)
+        new.slot = None
+        if self.constraint is not None:
+            new.constraint = self.constraint.fork()
+        if self.stop_text is not None:
+            new.stop_text = self.stop_text.copy()
+        return new
 
     # -- the sequence --------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from ..media import MediaError, MediaPolicy
 from ..prompt import script_ids
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, Completion, error_json, trace_json, vpt_json
+from ..engine.text import IncrementalText, cut_at_stop
+from .protocol import ChatCompletionRequest, Completion, LogprobWriter, error_json, shown_logprobs, trace_json, vpt_json
 
 logger = logging.getLogger("vpt_fast.serving")
 
@@ -143,28 +144,41 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 class _Decoder:
-    """Incremental text of a growing list of token ids (special tokens left out): a delta is
-    held back while it ends inside a multi-byte character."""
+    """The streamed text of one answer: what its tokens add (special tokens left out), held back
+    while a stop string may still begin in it, so that nothing sent is cut later; a round's
+    held-back text goes out when the round ends, the answer's as its result has it."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
+    def __init__(self, tokenizer, stops: tuple[str, ...], include: bool):
+        self.tokenizer, self.stops, self.include = tokenizer, stops, include
+        self.hold = max(map(len, stops), default=1) - 1
+        self._new_round()
+
+    def _new_round(self) -> None:
+        self.text = IncrementalText(self.tokenizer)
+        self.sent = 0
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
+        self.text.add(token_id)
+        text = self.text.text
+        cut, found = cut_at_stop(text, self.stops, self.include)
+        limit = len(cut) if found is not None else len(text) - self.hold
+        if limit <= self.sent:
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[self.sent : limit], limit
         return delta
 
-    def flush(self) -> str:
-        """What is left once the tokens end (a character cut short included, as the answer has it)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text
-        return delta
+    def next_round(self) -> str:
+        """A perception ended the round (no stop string in it): the rest of its text."""
+        self.text.rest()
+        rest = self.text.text[self.sent :]
+        self._new_round()
+        return rest
+
+    def finish(self, final_text: str) -> str:
+        """The rest of the answer, as the result's text (its last round, cut at a stop string) has it."""
+        self.text.rest()
+        sent = self.text.text[: self.sent]
+        return final_text[len(sent) :] if final_text.startswith(sent) else ""
 
 
 def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown_timeout: float | None = 30.0) -> FastAPI:
@@ -258,6 +272,12 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             raise HTTPError(400, str(e), "messages") from None
         if warned:
             notes["warnings"] = warned
+        structured, field = body.structured()
+        if structured is not None:
+            try:
+                engine.engine.grammars.compile(structured)  # kept by the compiler: preparing the request reuses it
+            except ValueError as e:
+                raise HTTPError(400, f"{field}: {e}", field) from None
         chars = sum(len(text) for _, text in chat.turns) + len(chat.system) + len(body.vpt_force or "")
         if chars > max_text_chars:
             raise HTTPError(400, f"the request holds {chars} characters of text, more than the {max_text_chars} this "
@@ -286,22 +306,22 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         except (EngineClosed, EngineDead) as e:
             raise HTTPError(503, str(e)) from None
 
+    writer = LogprobWriter(tokenizer)
+    eos = engine.engine.vocab.im_end
+
     async def respond(handle, completion: Completion, request: Request, arrival: float, notes: dict):
         first = last = None
-        round1: list[int] = []
-        result = None
+        results: dict[int, Any] = {}
 
         async def collect():
-            nonlocal first, last, result
+            nonlocal first, last
             async for event in handle:
                 now = time.perf_counter() - arrival
                 if isinstance(event, TokenEvent):
                     first = now if first is None else first
                     last = now
-                    if event.round == 0:
-                        round1.append(event.token_id)
                 elif isinstance(event, FinishEvent):
-                    result = event.result
+                    results[event.index] = event.result
 
         async def gone():
             while not await request.is_disconnected():
@@ -313,44 +333,65 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             handle.abort()
             await collector
         watcher.cancel()
-        metrics.finished(result, first, last)
-        if result.finish_reason == "error" and result.error and result.error.startswith("engine failure"):
-            return _error(500, result.error)
-        return completion.response(result, tokenizer.decode(result.round1_ids, skip_special_tokens=True), notes)
+        answers = [results[k] for k in sorted(results)]
+        metrics.finished(answers[0], first, last)
+        failed = next((r for r in answers if r.finish_reason == "error" and r.error
+                       and r.error.startswith("engine failure")), None)
+        if failed is not None:
+            return _error(500, failed.error)
+        round1 = [tokenizer.decode(r.round1_ids, skip_special_tokens=True) for r in answers]
+        logprobs = [writer.content(shown_logprobs(r, eos)) for r in answers] if answers[0].logprobs is not None else None
+        return completion.response(answers, round1, notes, logprobs)
 
     async def stream(handle, completion: Completion, include_usage: bool, arrival: float, notes: dict):
         first = last = None
-        decoder = _Decoder(tokenizer)
-        result = None
+        params = handle.params
+        decoders: dict[int, _Decoder] = {}
+        results: dict[int, Any] = {}
+        finished = False
         try:
-            yield _sse(completion.chunk({"role": "assistant", "content": ""}))
+            for k in range(params.n):
+                yield _sse(completion.chunk({"role": "assistant", "content": ""}, index=k))
             async for event in handle:
+                k = event.index
+                decoder = decoders.get(k)
+                if decoder is None:
+                    decoder = decoders[k] = _Decoder(tokenizer, params.stop, params.include_stop_str_in_output)
                 if isinstance(event, TokenEvent):
                     now = time.perf_counter() - arrival
                     first = now if first is None else first
                     last = now
                     delta = decoder.add(event.token_id)
-                    if delta:
-                        yield _sse(completion.chunk({"content": delta}))
+                    extra = {} if event.logprob is None else {"logprobs": writer.content([event.logprob])}
+                    if delta or extra:
+                        yield _sse(completion.chunk({"content": delta}, index=k, **extra))
                 elif isinstance(event, PerceptionEvent):
-                    yield _sse(completion.chunk({}, vpt={"perception": trace_json(event.trace)}))
+                    rest = decoder.next_round()
+                    if rest:
+                        yield _sse(completion.chunk({"content": rest}, index=k))
+                    yield _sse(completion.chunk({}, index=k, vpt={"perception": trace_json(event.trace)}))
                 elif isinstance(event, FinishEvent):
-                    result = event.result
-            metrics.finished(result, first, last)
-            rest = decoder.flush()
-            if rest:
-                yield _sse(completion.chunk({"content": rest}))
-            if result.finish_reason == "error" and result.error and result.error.startswith("engine failure"):
-                yield _sse(error_json(result.error, 500))
-            else:
-                round1 = tokenizer.decode(result.round1_ids, skip_special_tokens=True)
-                finish = "length" if result.finish_reason == "length" else "stop"
-                yield _sse(completion.chunk({}, finish, vpt=vpt_json(result, round1, notes)))
-                if include_usage:
-                    yield _sse(completion.usage_chunk(result))
+                    result = results[k] = event.result
+                    rest = decoder.finish(result.text)
+                    if rest:
+                        yield _sse(completion.chunk({"content": rest}, index=k))
+                    if not (result.finish_reason == "error" and result.error and result.error.startswith("engine failure")):
+                        round1 = tokenizer.decode(result.round1_ids, skip_special_tokens=True)
+                        finish = "length" if result.finish_reason == "length" else "stop"
+                        yield _sse(completion.chunk({}, finish, index=k, stop_reason=result.stop_reason,
+                                                    vpt=vpt_json(result, round1, notes)))
+            finished = True
+            answers = [results[k] for k in sorted(results)]
+            metrics.finished(answers[0], first, last)
+            failed = next((r for r in answers if r.finish_reason == "error" and r.error
+                           and r.error.startswith("engine failure")), None)
+            if failed is not None:
+                yield _sse(error_json(failed.error, 500))
+            elif include_usage:
+                yield _sse(completion.usage_chunk(answers))
             yield "data: [DONE]\n\n"
         finally:
-            if result is None:  # the client left mid-stream: stop the work, count it when it ends
+            if not finished:  # the client left mid-stream: stop the work, count it when it ends
                 handle.abort()
                 asyncio.ensure_future(count_when_done(handle, first, last))
 
