@@ -1,13 +1,15 @@
 """Serving under Poisson arrivals: continuous batching against static batching, in the same run.
 
 A stream of mixed requests (a region perception, a clip re-encoding, plain generation, in
-turn; answers of random lengths) arrives as a Poisson process at three rates. The same
+turn; answers of random lengths; a share of them, --repeated, asking another question about
+an image sent before) arrives as a Poisson process at three rates. The same
 engine serves it twice: continuously (requests join at every step, as `Engine.step` and
 `AsyncEngine` do) and with static batching (a new batch starts only when the previous one
 has finished, as `generate` over fixed batches does). Reported per rate and mode:
 throughput (requests/s, tokens/s), time to first token p50/p90, time per output token
 p50/p90 and peak GPU memory; and the time to first token of a lone request on an idle
-engine. The rates are fractions of the capacity measured first (requests/s of a burst of
+engine. Continuous batching runs a third time on an engine with the prefix and encoder
+caches off. The rates are fractions of the capacity measured first (requests/s of a burst of
 max_batch_size requests arriving at once), so the highest keeps about max_batch_size
 streams in flight.
 
@@ -41,6 +43,8 @@ from vpt_fast import SamplingParams  # noqa: E402
 from vpt_fast.engine import Engine, FinishEvent, TokenEvent  # noqa: E402
 
 KINDS = ("region", "clip", "plain")
+QUESTIONS = [QUESTION] + [QUESTION.replace("the color of the car", what) for what in (
+    "the shape of the sign", "the person on the left holding", "the number on the door")]
 
 
 @dataclass
@@ -53,18 +57,27 @@ class Arrival:
     done: float | None = None
     tokens: int = 0
     token_times: list[float] = field(default_factory=list)
+    question: str = QUESTION
 
 
-def workload(bundle, n: int, rate: float, answer: tuple[int, int], seed: int) -> list[Arrival]:
+def workload(bundle, n: int, rate: float, answer: tuple[int, int], seed: int, repeated: float = 0.0) -> list[Arrival]:
+    """n arrivals at `rate` a second; a share `repeated` of them about an image sent before
+    (with another question), the others each about an image of its own."""
     rng = random.Random(seed)
     tok = bundle.tokenizer
-    t, out = 0.0, []
+    t, out, sent = 0.0, [], []
     for i in range(n):
         t += rng.expovariate(rate)
         kind = KINDS[i % 3]
         length = rng.randint(*answer)
         forced = forced_ids(tok, kind) if kind != "plain" else None
-        out.append(Arrival(t, image(i % 16), forced, SamplingParams(max_new_tokens=length, answer_max_new_tokens=length)))
+        if sent and rng.random() < repeated:
+            picture = rng.choice(sent)
+        else:
+            picture = image(seed * 100_000 + i)
+            sent.append(picture)
+        out.append(Arrival(t, picture, forced, SamplingParams(max_new_tokens=length, answer_max_new_tokens=length),
+                           question=rng.choice(QUESTIONS)))
     return out
 
 
@@ -78,7 +91,7 @@ def serve(engine: Engine, arrivals: list[Arrival], device, continuous: bool) -> 
         if continuous or not engine.has_unfinished():
             while pending and pending[0].at <= now and (continuous or engine.num_waiting < engine.max_batch_size):
                 a = pending.pop(0)
-                by_id[engine.add_request(a.image, QUESTION, a.params, a.forced)] = a
+                by_id[engine.add_request(a.image, a.question, a.params, a.forced)] = a
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[0].at - (time.perf_counter() - start)))
             continue
@@ -146,7 +159,7 @@ def serve_http(base_url: str, bundle, arrivals: list[Arrival]) -> float:
     async def one(client, a: Arrival, start: float):
         await asyncio.sleep(max(0.0, a.at - (time.perf_counter() - start)))
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(a.image)}},
-                                                 {"type": "text", "text": QUESTION.removeprefix("<image>")}]}]
+                                                 {"type": "text", "text": a.question.removeprefix("<image>")}]}]
         extra = {"vpt_force": tok.decode(a.forced, skip_special_tokens=False)} if a.forced else {}
         stream = await client.chat.completions.create(model="bench", messages=messages, temperature=0, stream=True,
                                                       max_tokens=a.params.max_new_tokens, extra_body=extra)
@@ -183,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", type=float, nargs=3, default=(0.25, 0.5, 1.0),
                     help="arrival rates as fractions of the estimated capacity")
     ap.add_argument("--http", action="store_true", help="also send the load through the OpenAI-compatible server")
+    ap.add_argument("--repeated", type=float, default=0.5,
+                    help="the share of requests about an image sent before (another question about it)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -192,13 +207,16 @@ def main(argv=None) -> int:
     answer = (16, 128) if gpu else (4, 24)
     env = environment(device)
     bundle = build_bundle(shape, "clip", dtype, device)
-    engine = Engine(bundle, max_seq_len=1024, max_batch_size=args.batch, kv_cache_tokens=1024 * args.batch,
-                    max_num_batched_tokens=args.max_num_batched_tokens)
+    options = dict(max_seq_len=1024, max_batch_size=args.batch, kv_cache_tokens=1024 * args.batch,
+                   max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(bundle, **options)
+    uncached = Engine(bundle, **options, enable_prefix_caching=False, encoder_cache_gib=0)
     print(f"{env['card']}: {shape}, {n} requests per rate, answers of {answer[0]}-{answer[1]} tokens, batch {args.batch}")
 
     # a lone request on an idle engine (the latency floor), and a burst of a full batch arriving at once
     # (the capacity: requests/s with max_batch_size in flight)
-    serve(engine, workload(bundle, 3, 1e6, answer, seed=98), device, continuous=True)  # warm up
+    for warm in (engine, uncached):
+        serve(warm, workload(bundle, 3, 1e6, answer, seed=98), device, continuous=True)  # warm up
     lone = workload(bundle, 1, 1.0, answer, seed=99)
     lone[0].at = 0.0
     lone_latency = serve(engine, lone, device, continuous=True)
@@ -224,27 +242,31 @@ def main(argv=None) -> int:
     for fraction in args.rates:
         rate = fraction * capacity
         row = dict(rate=rate, fraction=fraction)
-        for mode in ("static", "continuous"):
-            arrivals = workload(bundle, n, rate, answer, seed=int(fraction * 1000))
+        for mode in ("static", "continuous", "uncached"):
+            arrivals = workload(bundle, n, rate, answer, seed=int(fraction * 1000), repeated=args.repeated)
             if gpu:
                 torch.cuda.reset_peak_memory_stats(device)
-            stats = summarize(arrivals, serve(engine, arrivals, device, continuous=mode == "continuous"))
+            served = serve(uncached if mode == "uncached" else engine, arrivals, device, continuous=mode != "static")
+            stats = summarize(arrivals, served)
             stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None
             row.update({f"{mode}_{k}": v for k, v in stats.items()})
         if args.http:
-            arrivals = workload(bundle, n, rate, answer, seed=int(fraction * 1000))
+            arrivals = workload(bundle, n, rate, answer, seed=int(fraction * 1000), repeated=args.repeated)
             stats = summarize(arrivals, serve_http(base_url, bundle, arrivals))
             row.update({f"http_{k}": v for k, v in stats.items()})
         row["throughput_ratio"] = row["continuous_req_per_s"] / row["static_req_per_s"]
+        row["cache_ratio"] = row["continuous_req_per_s"] / row["uncached_req_per_s"]
         row["ttft_p90_vs_lone"] = row["continuous_ttft_p90_s"] / lone_ttft
         rows.append(row)
         print(f"  rate {rate:.2f}/s: continuous {row['continuous_req_per_s']:.2f} req/s, static "
               f"{row['static_req_per_s']:.2f} req/s (x{row['throughput_ratio']:.2f}); TTFT p90 "
               f"{row['continuous_ttft_p90_s'] * 1e3:.0f} ms vs static {row['static_ttft_p90_s'] * 1e3:.0f} ms "
-              f"({row['ttft_p90_vs_lone']:.1f}x a lone request's)")
+              f"({row['ttft_p90_vs_lone']:.1f}x a lone request's); caches off {row['uncached_req_per_s']:.2f} req/s "
+              f"(on: x{row['cache_ratio']:.2f}), TTFT p90 {row['uncached_ttft_p90_s'] * 1e3:.0f} ms")
 
     md = (f"### Serving, Poisson arrivals ({shape}, {n} requests a rate, region / clip / plain in turn, answers of "
-          f"{answer[0]}-{answer[1]} tokens, batch {args.batch})\n\n"
+          f"{answer[0]}-{answer[1]} tokens, batch {args.batch}, {args.repeated:.0%} of the requests about an image "
+          f"sent before)\n\n"
           f"Lone request on an idle engine: first token {lone_ttft * 1e3:.1f} ms, {lone_latency:.3f} s in all.\n\n")
     md += table(rows, [("rate", "arrivals/s"), ("static_req_per_s", "static req/s"), ("continuous_req_per_s", "continuous req/s"),
                        ("throughput_ratio", "x static"), ("static_ttft_p50_s", "static TTFT p50 s"),
@@ -253,6 +275,12 @@ def main(argv=None) -> int:
                        ("static_tpot_p50_ms", "static TPOT p50 ms"), ("continuous_tpot_p50_ms", "TPOT p50 ms"),
                        ("continuous_tpot_p90_ms", "TPOT p90 ms"), ("continuous_tok_per_s", "tok/s"),
                        ("static_peak_gib", "static peak GiB"), ("continuous_peak_gib", "peak GiB")])
+    md += ("\n\nContinuous batching with the prefix and encoder caches on (the default) against off, same "
+           "arrivals:\n\n" + table(rows, [
+               ("rate", "arrivals/s"), ("uncached_req_per_s", "off req/s"), ("continuous_req_per_s", "on req/s"),
+               ("cache_ratio", "on / off"), ("uncached_ttft_p50_s", "off TTFT p50 s"),
+               ("continuous_ttft_p50_s", "on TTFT p50 s"), ("uncached_ttft_p90_s", "off TTFT p90 s"),
+               ("continuous_ttft_p90_s", "on TTFT p90 s")]))
     head = dict(lone_ttft_s=lone_ttft, lone_latency_s=lone_latency)
     if args.http:
         md += ("\n\nOver HTTP (the OpenAI-compatible server, streamed; first output = the first content or "
