@@ -34,11 +34,12 @@ def with_trigger(text: str, mode: str | None) -> str:
     return f"{text.rstrip()} {trigger}." if trigger else text
 
 
-def question_prompt(question: str, mode: str | None) -> str:
-    """The prompt of a question about a request's image, as the published evaluation asks it: the
-    image first (unless the question places it with `<image>`), the trigger sentence of `mode`."""
+def question_prompt(question: str, mode: str | None, images: int = 1) -> str:
+    """The prompt of a question about a request's images, as the published evaluation asks it:
+    the images first (unless the question places them with `<image>`), the trigger sentence of
+    `mode`."""
     text = with_trigger(question.rstrip(), mode)
-    return text if IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + "\n" + text
+    return text if IMAGE_PLACEHOLDER in text or not images else IMAGE_PLACEHOLDER * images + "\n" + text
 
 
 def _image_of(part: Mapping[str, Any], where: str) -> Any:
