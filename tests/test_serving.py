@@ -236,6 +236,34 @@ def test_a_client_leaving_mid_stream_aborts_its_request(served):
     assert engine.engine.kv_blocks_used == 0 and engine.num_in_flight == 0
 
 
+def test_limit_mm_per_prompt_from_the_command_line(tiny_bundle):
+    """`vpt-fast serve --limit-mm-per-prompt` in vLLM's two spellings reaches the app: a request
+    within it is answered, one past it is a 400 naming the limit (an app of its own, in process)."""
+    from vpt_fast.cli import build_parser
+
+    parse = lambda value: build_parser().parse_args(["serve", "--limit-mm-per-prompt", value])  # noqa: E731
+    assert parse('{"image": 2}').limit_mm_per_prompt == 2 and parse("image=0").limit_mm_per_prompt == 0
+    assert build_parser().parse_args(["serve"]).limit_mm_per_prompt == 8
+    engine = AsyncEngine(Engine(tiny_bundle("clip")))
+    app = build_app(engine, ServeConfig(model_name=MODEL, limit_mm_per_prompt=parse("image=2").limit_mm_per_prompt),
+                    shutdown_timeout=None)
+    part = messages(rand_image(30, 30))[0]["content"][0]
+
+    async def ask(images):
+        body = {"messages": [{"role": "user", "content": [part] * images + [{"type": "text", "text": "Q"}]}],
+                "max_tokens": 2, "temperature": 0}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            return await http.post("/v1/chat/completions", json=body)
+
+    try:
+        assert asyncio.run(ask(2)).status_code == 200
+        over = asyncio.run(ask(3))
+        assert over.status_code == 400 and over.json()["error"]["message"] == (
+            "message 0, part 2: at most 2 image(s) may be given in one prompt (limit_mm_per_prompt)")
+    finally:
+        engine.shutdown()
+
+
 def test_queue_full_and_shutting_down(tiny_bundle):
     """429 when the waiting queue is at its bound, 503 once the engine shuts down (an app of its own,
     called in process)."""
