@@ -307,3 +307,36 @@ def test_prefix_cache_keys_each_block_by_its_own_image(tiny_bundle):
     assert hits[1] == starts[1] // bs * bs  # up to the block where the second image begins
     assert hits[2] >= second_end // bs * bs  # past both images
     assert hits[3] == starts[0] // bs * bs  # the first image differs: the system prompt only
+
+
+def test_patched_generate_on_a_vpt_model_with_several_images(tiny_ckpt, tiny_bundle):
+    """A VPT checkpoint's patched generate on a batch of 2, 1 and 0 images: the new tokens are the
+    two-round reference's conversation (its crops cut from each sample's first image)."""
+    bundle = tiny_bundle("region")
+    inputs = HFInputs(tiny_ckpt("region"))
+    pictures = [rand_image(112, 84, 51), rand_image(56, 84, 52), rand_image(84, 84, 53)]
+    convs = [[{"role": "user", "content": [{"type": "image", "image": pictures[0]}, text_part(" vs "),
+                                           {"type": "image", "image": pictures[1]}, text_part("?")]}],
+             [{"role": "user", "content": [{"type": "image", "image": pictures[2]}, text_part("Where?")]}],
+             [{"role": "user", "content": [text_part("Say something.")]}]]
+    script = [region(([1, 3], [0, 2])), region(([5], [6])), None]
+    forced = [toks(bundle.tokenizer, s) if s else None for s in script]
+    reference = two_round_generate(bundle, [images_of(c) for c in convs], [as_conversation(c) for c in convs], 8,
+                                   forced)
+    x = inputs.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                   return_tensors="pt", padding=True)
+    vpt_fast.accelerate(bundle.model, inputs.tokenizer)
+    try:
+        got = bundle.model.generate(**x, max_new_tokens=8, vpt_force=forced)
+        results = vpt_fast.last_results(bundle.model)
+    finally:
+        vpt_fast.restore(bundle.model)
+    length = x["input_ids"].shape[1]
+    for b, ref in enumerate(reference):
+        whole = (ref.round2_prompt_ids + ref.answer_ids) if ref.round2_prompt_ids else ref.round1_prompt_ids + ref.round1_ids
+        new = whole[len(ref.round1_prompt_ids):]
+        assert got[b, length: length + len(new)].tolist() == new, b
+        assert [t.boxes for t in results[b].trace] == ([ref.boxes] if ref.boxes else [])
+    assert results[0].trace[0].image == 0
+    assert results[0].trace[0].boxes == [spec.block_box(blk, *pictures[0].size)
+                                         for blk in results[0].perception.blocks]
