@@ -48,7 +48,8 @@ def write_dataset(folder: Path, bundle, n: int = 40) -> tuple[Path, dict[str, di
             image.save(folder / where)
         line = {"id": item_id, "image": where, "question": question}
         row = {"id": item_id, "prediction": result.text, "finish_reason": result.finish_reason,
-               "trace": [{"kind": t.kind, "cells": [list(c) for c in t.cells], "boxes": [list(b) for b in t.boxes],
+               "trace": [{"kind": t.kind, "image": t.image, "cells": [list(c) for c in t.cells],
+                          "boxes": [list(b) for b in t.boxes],
                           "tokens_spliced": t.tokens_spliced, "tokens_rolled_back": t.tokens_rolled_back}
                          for t in result.trace]}
         if i % 3 == 0:  # the engine's answer, dressed up: matches once normalized

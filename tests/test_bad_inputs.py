@@ -69,7 +69,7 @@ def bad_cases(tmp_path, tok):
         "VPT token text": (image, "the cell <|x_3|>", None, r"special token text '<\|x_3\|>'"),
         "lone surrogate": (image, "caf\ud800", None, r"lone surrogate '\\ud800' at character 3"),
         "not a str": (image, b"bytes", None, "a prompt must be a str or a Conversation, got bytes"),
-        "two placeholders": (image, "<image> and <image>", None, "at most one '<image>'"),
+        "two placeholders": (image, "<image> and <image>", None, r"the prompt places 2 image\(s\) with '<image>' but 1 image\(s\) were given"),
         "forced id out of range": (image, "Q", [5, 10**6], r"forced tokens hold \[1000000\]: token ids in \[0, 400\)"),
         "forced negative id": (image, "Q", [-1], r"forced tokens hold \[-1\]"),
         "forced float": (image, "Q", [1.5], r"forced tokens hold \[1.5\]"),

@@ -17,15 +17,15 @@ def test_openai_and_hugging_face_shapes():
                 {"role": "user", "content": [{"type": "text", "text": "Look "}, {"type": "image", "image": image},
                                              {"type": "text", "text": " here."}]}]
     found, chat = from_messages(messages)
-    assert found is image
+    assert found == [image]
     assert chat == Conversation((("user", "Hi"), ("assistant", "Hello."), ("user", "Look <image> here.")),
                                 system="Be brief.\nNo lists.")
     found, chat = from_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}],
                                 resolve_image=lambda url: ("resolved", url))
-    assert found == ("resolved", "data:x") and chat.turns == (("user", "<image>"),)
+    assert found == [("resolved", "data:x")] and chat.turns == (("user", "<image>"),)
     assert chat.system == spec.SYSTEM_PROMPT
     found, chat = from_messages([{"role": "user", "content": "Q?"}], mode="region")
-    assert found is None and chat.turns[-1][1] == f"Q? {spec.REGION_TRIGGER}."
+    assert found == [] and chat.turns[-1][1] == f"Q? {spec.REGION_TRIGGER}."
     assert with_trigger("Q? ", "reencode") == f"Q? {spec.REENCODE_TRIGGER}." and with_trigger("Q", "free") == "Q"
 
 
@@ -38,7 +38,6 @@ def test_openai_and_hugging_face_shapes():
     ([{"role": "user", "content": [{"type": "text"}]}], "a text part needs a string 'text'"),
     ([{"role": "user", "content": "see <image>"}], "send the image as an image part"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "needs {'image_url': {'url'"),
-    ([{"role": "user", "content": [{"type": "image", "image": 1}, {"type": "image", "image": 2}]}], "one image"),
     ([{"role": "assistant", "content": [{"type": "image", "image": 1}]}, {"role": "user", "content": "q"}],
      "only user messages may carry an image"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
@@ -48,6 +47,21 @@ def test_openai_and_hugging_face_shapes():
 def test_errors_name_the_message(messages, message):
     with pytest.raises(ValueError, match=message):
         from_messages(messages)
+
+
+def test_several_images_in_any_user_turn_in_order():
+    a, b, c = rand_image(20, 20, 1), rand_image(24, 20, 2), rand_image(20, 28, 3)
+    messages = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "and "},
+                                             {"type": "image_url", "image_url": {"url": "data:b"}}]},
+                {"role": "assistant", "content": "Two."},
+                {"role": "user", "content": [{"type": "text", "text": "Now "}, {"type": "image", "image": c},
+                                             {"type": "text", "text": " too?"}]}]
+    found, chat = from_messages(messages, resolve_image=lambda x: b if x == "data:b" else x)
+    assert found == [a, b, c]
+    assert chat.turns == (("user", "<image>and <image>"), ("assistant", "Two."), ("user", "Now <image> too?"))
+    assert from_messages(messages, max_images=3)[0] == [a, "data:b", c]
+    with pytest.raises(ValueError, match=r"message 2, part 1: at most 2 image\(s\) may be given in one prompt"):
+        from_messages(messages, max_images=2, resolve_image=lambda x: pytest.fail("resolved before the limit"))
 
 
 def test_unknown_mode():

@@ -154,6 +154,8 @@ def test_readable_escapes_control_characters():
     (["--device", "meta"], "--device: device 'meta' is not supported"),
     (["--allowed-local-media-path", "/no/such/folder"], "is not a folder"),
     (["--port", "0"], "argument --port: must be at least 1"),
+    (["--limit-mm-per-prompt", "image=2,video=1"], "only images have a limit here (image=N)"),
+    (["--limit-mm-per-prompt", '{"image": -1}'], "the image limit must be an integer >= 0, got -1"),
 ])
 def test_serve_usage_errors(capsys, extra, message):
     with pytest.raises(SystemExit) as exited:

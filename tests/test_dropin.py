@@ -225,9 +225,9 @@ def test_bad_inputs_raise_clearly(patched):
         model.generate(**{**x, "image_grid_thw": x["image_grid_thw"][:1]}, max_new_tokens=3)
     with pytest.raises(ValueError, match="image pad tokens where the image has"):
         model.generate(**{**x, "image_grid_thw": x["image_grid_thw"].flip(0)}, max_new_tokens=3)
-    with pytest.raises(ValueError, match="vpt_images must be a list with one image"):
+    with pytest.raises(ValueError, match="vpt_images must be a list with one entry per sample"):
         model.generate(**x, max_new_tokens=3, vpt_images=[IMAGES[0]])
-    with pytest.raises(ValueError, match=r"vpt_images gives an image for sample\(s\) \[1\]"):
+    with pytest.raises(ValueError, match=r"vpt_images gives 1 image\(s\) for sample 1, which holds 0"):
         model.generate(**x, max_new_tokens=3, vpt_images=[IMAGES[0], IMAGES[1], IMAGES[1]])
     text_only = inputs.chat([conversation(1, False)])
     with pytest.raises(ValueError, match="pixel_values given, but no sample holds image pad tokens"):

@@ -200,7 +200,7 @@ def test_bad_request_in_a_batch_does_not_stop_the_others(tiny_bundle, tmp_path):
     out = engine.generate([good, tmp_path / "missing.png", good], ["<image>A", "B", "<image> <image>"], 5)
     assert out[0].finish_reason in ("stop", "length") and out[0].token_ids
     assert out[1].finish_reason == "error" and "missing.png" in out[1].error
-    assert out[2].finish_reason == "error" and "at most one" in out[2].error
+    assert out[2].finish_reason == "error" and "places 2 image(s) with '<image>' but 1 image(s)" in out[2].error
     (alone,) = engine.generate([good], ["<image>A"], 5)
     assert out[0].token_ids == alone.token_ids
 
@@ -299,7 +299,7 @@ def test_engine_argument_errors(tiny_bundle):
     image = rand_image(32, 32)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         engine.generate([image], ["a"], 0)
-    with pytest.raises(ValueError, match="1 images for 2 prompts"):
+    with pytest.raises(ValueError, match="1 image entries for 2 prompts"):
         engine.generate([image], ["a", "b"])
     with pytest.raises(ValueError, match="max_perception_rounds"):
         engine.generate([image], ["a"], max_perception_rounds=-1)
@@ -323,6 +323,7 @@ def test_device_image_pipeline(tiny_bundle):
     request = engine.prepare(image, "Q")
     request.images += crops
     request.boxes += list(r.trace[0].boxes)
+    request.sources += [0] * len(crops)
     rows, grid = engine._segments._device_pixels([(request, k) for k in range(3)])
     want, want_grid = b.processor.qwen_inputs([request.turn.first, *crops])
     assert torch.equal(grid, want_grid)
@@ -381,7 +382,7 @@ def test_conversation_errors(tiny_bundle):
     with pytest.raises(ValueError, match="turn 0 has role 'system'"):
         Conversation((("system", "a"), ("user", "b")))
     cases = [
-        (image, Conversation((("user", "<image>a"), ("assistant", "b"), ("user", "<image>c"))), "at most one '<image>'"),
+        (image, Conversation((("user", "<image>a"), ("assistant", "b"), ("user", "<image>c"))), r"the prompt places 2 image\(s\) with '<image>' but 1 image\(s\) were given"),
         (image, Conversation((("assistant", "look <image>"), ("user", "c"))), "turn 0 is the assistant's"),
         (None, Conversation((("user", "<image> what?"),)), "no image was given"),
         (image, Conversation((("user", "a"), ("assistant", "<|im_end|>"), ("user", "c"))), r"turn 1: the prompt holds the special"),

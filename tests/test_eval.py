@@ -205,3 +205,27 @@ def test_nothing_but_scale_out_imports_ray():
     assert done.returncode == 0, done.stderr
     count, loaded = done.stdout.split(" ", 1)
     assert int(count) > 20 and loaded.strip() == "[]"
+
+
+def test_a_list_of_images_per_question(tmp_path, engine):
+    """`"image": [...]`: the images shown in order before the question (or where it places them),
+    as Engine.generate answers them; one unreadable image of three ends that item alone, naming it."""
+    images = [rand_image(40 + 8 * k, 30, 50 + k) for k in range(3)]
+    for k, image in enumerate(images):
+        image.save(tmp_path / f"{k}.png")
+    lines = [{"id": "two", "image": ["0.png", data_url(images[1])], "question": "Which is wider?"},
+             {"id": "placed", "image": ["2.png", "0.png"], "question": "Is <image> like <image>?"},
+             {"id": "broken", "image": ["0.png", "1.png", "missing.png"], "question": "Q?"},
+             {"id": "empty", "image": [], "question": "Q?"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    summary = evaluate(data, out, engine, max_new_tokens=4, progress=False)
+    rows = {r["id"]: r for r in read_rows(out)}
+    want = engine.generate([images[:2], [images[2], images[0]]], ["<image><image>\nWhich is wider?",
+                                                                  "Is <image> like <image>?"], 4)
+    assert [rows["two"]["prediction"], rows["placed"]["prediction"]] == [w.text for w in want]
+    assert rows["two"]["finish_reason"] == want[0].finish_reason != "error"
+    assert rows["broken"]["finish_reason"] == "error"
+    assert rows["broken"]["error"].startswith("broken: image 2: image file not found")
+    assert "the image is missing" in rows["empty"]["error"] and summary.errors == 2

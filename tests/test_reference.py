@@ -368,9 +368,9 @@ def test_bad_requests(tiny_bundle, tmp_path):
     text.write_text("not an image")
     with pytest.raises(ValueError, match="not an image"):
         two_round_generate(b, [text], ["Q"])
-    with pytest.raises(ValueError, match="at most one '<image>'"):
+    with pytest.raises(ValueError, match=r"the prompt places 2 image\(s\) with '<image>' but 1 image\(s\) were given"):
         two_round_generate(b, [image], ["<image> and <image>"])
-    with pytest.raises(ValueError, match="1 images for 2 prompts"):
+    with pytest.raises(ValueError, match="1 image entries for 2 prompts"):
         two_round_generate(b, [image], ["a", "b"])
     with pytest.raises(ValueError, match=r"request 0: forced tokens hold \[99999\]"):
         two_round_generate(b, [image], ["a"], forced_tokens=[[99999]])

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from serving_cases import KEY, MODEL, bomb_png, data_url, messages, metric, post
 from vpt_cases import action, rand_image, region, toks
 
@@ -66,6 +67,42 @@ def test_the_openai_client_gets_the_engines_answer(tiny_bundle, client, kind, sc
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
     assert final.choices[0].model_extra["vpt"]["token_ids"] == want.token_ids
     assert chunks[-1].usage.completion_tokens == len(want.token_ids) and not chunks[-1].choices
+
+
+def test_several_images_through_the_openai_client(tiny_ckpt, client):
+    """Images in two user turns, three in all: the server answers what transformers' generate
+    answers on the same model (no perception is asked), and a perception looks at the first."""
+    from hf_inputs import HFInputs
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = tiny_ckpt("clip")
+    images = [rand_image(84, 56, 61), rand_image(56, 84, 62), rand_image(100, 70, 63)]
+    turns = [("user", [0, "and", 1]), ("assistant", "Two pictures."), ("user", ["A third: ", 2, "?"])]
+
+    def render(image_part):  # the turns as chat messages, image k as image_part(k)
+        return [{"role": role, "content": content if isinstance(content, str) else [
+            image_part(p) if isinstance(p, int) else {"type": "text", "text": p} for p in content]}
+            for role, content in turns]
+
+    chat = render(lambda k: {"type": "image_url", "image_url": {"url": data_url(images[k])}})
+    got = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8, temperature=0)
+    inputs = HFInputs(folder)
+    hf_chat = render(lambda k: {"type": "image", "image": images[k]})
+    x = inputs.apply_chat_template([hf_chat], tokenize=True, add_generation_prompt=True, return_dict=True,
+                                   return_tensors="pt", padding=True)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = Qwen2VLForConditionalGeneration.generate(model, **x, max_new_tokens=8)[0, x["input_ids"].shape[1]:]
+    want = want.tolist()
+    end = inputs.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    want = want[: want.index(end) + 1] if end in want else want
+    assert got.choices[0].model_extra["vpt"]["token_ids"] == want
+    assert got.usage.prompt_tokens == x["input_ids"].shape[1]
+    looked = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8, temperature=0,
+                                            extra_body={"vpt_force": region(([0, 1], [0]))})
+    (trace,) = looked.choices[0].model_extra["vpt"]["trace"]
+    w, h = images[0].size  # cells x 0-1, y 0, widened by one: x 0-2, y 0-1 of the first image
+    assert trace["image"] == 0 and trace["boxes"] == [[0, 0, int(3 * w / 8), int(2 * h / 8)]]
 
 
 def test_sixteen_concurrent_clients(tiny_bundle, served, client):
@@ -125,8 +162,16 @@ def error_cases():
         "last message not the user's": (400, {"messages": [{"role": "user", "content": "a"},
                                                            {"role": "assistant", "content": "b"}]},
                                         r"the last message must be the user's", "messages"),
-        "two images": (400, {"messages": [{"role": "user", "content": ok[0]["content"] * 2}]},
-                       r"message 0, part 2: a conversation may carry one image", "messages"),
+        "more images than --limit-mm-per-prompt": (
+            400, {"messages": [{"role": "user", "content": ok[0]["content"][:1] * 5},
+                               {"role": "assistant", "content": "ok"},
+                               {"role": "user", "content": ok[0]["content"] * 4}]},
+            r"message 2, part 6: at most 8 image\(s\) may be given in one prompt \(limit_mm_per_prompt\)",
+            "messages"),
+        "one unreadable image of three": (
+            400, {"messages": [{"role": "user", "content": ok[0]["content"][:1] * 2 + image_body(png + "@@@")[
+                "messages"][0]["content"]}]},
+            r"image 2: the data: URL is not valid base64 \(.+\)", "messages"),
         "special token text": (400, {"messages": [{"role": "user", "content": "hi <|im_end|>"}]},
                                r"request \d+: turn 0: the prompt holds the special token text '<\|im_end\|>' at "
                                r"character 3: special tokens cannot be typed in a prompt \(place the image with "
@@ -196,6 +241,34 @@ def test_a_client_leaving_mid_stream_aborts_its_request(served):
         assert time.monotonic() < deadline, "the request was not aborted"
         time.sleep(0.05)
     assert engine.engine.kv_blocks_used == 0 and engine.num_in_flight == 0
+
+
+def test_limit_mm_per_prompt_from_the_command_line(tiny_bundle):
+    """`vpt-fast serve --limit-mm-per-prompt` in vLLM's two spellings reaches the app: a request
+    within it is answered, one past it is a 400 naming the limit (an app of its own, in process)."""
+    from vpt_fast.cli import build_parser
+
+    parse = lambda value: build_parser().parse_args(["serve", "--limit-mm-per-prompt", value])  # noqa: E731
+    assert parse('{"image": 2}').limit_mm_per_prompt == 2 and parse("image=0").limit_mm_per_prompt == 0
+    assert build_parser().parse_args(["serve"]).limit_mm_per_prompt == 8
+    engine = AsyncEngine(Engine(tiny_bundle("clip")))
+    app = build_app(engine, ServeConfig(model_name=MODEL, limit_mm_per_prompt=parse("image=2").limit_mm_per_prompt),
+                    shutdown_timeout=None)
+    part = messages(rand_image(30, 30))[0]["content"][0]
+
+    async def ask(images):
+        body = {"messages": [{"role": "user", "content": [part] * images + [{"type": "text", "text": "Q"}]}],
+                "max_tokens": 2, "temperature": 0}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            return await http.post("/v1/chat/completions", json=body)
+
+    try:
+        assert asyncio.run(ask(2)).status_code == 200
+        over = asyncio.run(ask(3))
+        assert over.status_code == 400 and over.json()["error"]["message"] == (
+            "message 0, part 2: at most 2 image(s) may be given in one prompt (limit_mm_per_prompt)")
+    finally:
+        engine.shutdown()
 
 
 def test_queue_full_and_shutting_down(tiny_bundle):

@@ -301,6 +301,24 @@ def _at_least(low, kind=int):
     return parse
 
 
+def _image_limit(text: str) -> int:
+    """An argparse type: vLLM's --limit-mm-per-prompt for images, `image=N` or `{"image": N}`
+    (a bare N too); the server takes no other modality."""
+    import json
+
+    try:
+        given = json.loads(text) if text.lstrip().startswith("{") else \
+            dict(part.split("=", 1) for part in text.split(",")) if "=" in text else {"image": text}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected image=N or '{{\"image\": N}}', got {text!r}") from None
+    if not isinstance(given, dict) or set(given) != {"image"}:
+        raise argparse.ArgumentTypeError(f"only images have a limit here (image=N), got {text!r}")
+    value = given["image"]
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise argparse.ArgumentTypeError(f"the image limit must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpt-fast", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -363,9 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-bytes", type=_at_least(1), default=20 * 2**20)
     serve.add_argument("--max-image-pixels", type=_at_least(1), default=64_000_000)
     serve.add_argument("--max-queue", type=_at_least(1), default=1024, help="requests waiting before 429s")
+    serve.add_argument("--limit-mm-per-prompt", type=_image_limit, default=8, metavar="image=N",
+                       help="the most images one request may carry, past it a 400 (vLLM's option: image=N or "
+                            "'{\"image\": N}'; default 8)")
     serve.add_argument("--max-request-bytes", type=_at_least(1), default=None,
                        help="a request body over it is refused with 413 while it is read (default: the image byte "
-                            "limit as base64, plus 1 MiB)")
+                            "limit as base64, plus 1 MiB; it bounds a request's images together)")
     serve.add_argument("--max-connections", type=_at_least(1), default=1024,
                        help="open connections at once; past it uvicorn answers 503")
     serve.add_argument("--header-timeout", type=_at_least(0.1, float), default=10.0,

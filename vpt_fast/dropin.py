@@ -10,8 +10,8 @@
     vpt_fast.restore(model)                                        # transformers' generate again
 
 The patched `generate` takes what a Qwen2-VL processor returns (`input_ids`, `attention_mask`
-with left or right padding, `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; a batch;
-at most one image per sample) and the generation options the engine honours: greedy or
+with left or right padding, `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; a batch
+whose samples hold any number of images, text-only ones included) and the generation options the engine honours: greedy or
 sampled decoding (`do_sample`, `temperature`, `top_k`, `top_p`), `repetition_penalty`,
 `max_new_tokens` / `max_length`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`,
 a `streamer` (batch of one), or a `GenerationConfig` holding them; the model's own
@@ -30,10 +30,12 @@ tokens as seen).
 
 With a VPT checkpoint the new tokens are the whole conversation the two-round flow ends
 with: round 1, and after a perception the turns that show the crop or the re-encoding,
-then the answer. `max_new_tokens` bounds each round, as in the two-round flow. A region crop
-is taken from the image the processor made the pixels from (recovered from `pixel_values`);
-pass `vpt_images=[...]` (one PIL image or path per sample, None for a text-only one) to
-crop the originals, as the published flow does. `vpt_force=` scripts round-1 tokens (token
+then the answer. `max_new_tokens` bounds each round, as in the two-round flow. A perception
+looks at the sample's first image (docs/vpt.md §7); a region crop is taken from the image
+the processor made the pixels from (recovered from `pixel_values`); pass `vpt_images=[...]`
+(per sample: None, a PIL image or path, or for a sample with several images a list with
+one per image, None where the pixels will do) to crop the originals, as the published flow
+does. `vpt_force=` scripts round-1 tokens (token
 ids or text, one for all samples or one per sample). Every call's `GenerationResult`s (the
 perception traces, finish reasons, answer texts) are kept: `vpt_fast.last_results(model)`,
 and `output.vpt_results` on a dict output.
@@ -43,7 +45,7 @@ reason and model, that says why (or raises ValueError with strict=True): beam se
 several sequences per prompt, logits processors or stopping criteria of one's own,
 assistant models, output scores / logits / attentions / hidden states, options such as
 `no_repeat_ngram_size` or `min_new_tokens`, video inputs, `inputs_embeds`, an attention mask
-with holes, more than one image in a sample, an end-of-sequence set without `<|im_end|>`,
+with holes, an end-of-sequence set without `<|im_end|>`,
 and a prompt that does not fit the engine's `max_seq_len`.
 """
 
@@ -249,30 +251,32 @@ def _accelerated(model, state: _Patch, args, kwargs, vpt_images, vpt_force):
 
 
 def _images(bundle, prompts: list[list[int]], model_kwargs: dict, vpt_images) -> list:
-    """One PixelImage (or None) per sample, from pixel_values and image_grid_thw."""
+    """Each sample's images, a list of PixelImages (empty for a text-only sample), from
+    pixel_values and image_grid_thw: the images in the order the samples show them, as the
+    processor lists them."""
     from .preprocess import load_image
+    from .prompt import image_list, runs
 
-    pad = bundle.vocab.image_pad
-    counts = []
-    for b, ids in enumerate(prompts):
-        runs = sum(1 for i, t in enumerate(ids) if t == pad and (i == 0 or ids[i - 1] != pad))
-        if runs > 1:
-            raise Fallback("more than one image in a sample")
-        counts.append(runs)
+    counts = [len(runs(ids, bundle.vocab.image_pad)) for ids in prompts]
     pixels, grids = model_kwargs.get("pixel_values"), model_kwargs.get("image_grid_thw")
     if vpt_images is not None and (not isinstance(vpt_images, (list, tuple)) or len(vpt_images) != len(prompts)):
-        raise ValueError(f"vpt_images must be a list with one image (or None) per sample ({len(prompts)})")
+        raise ValueError(f"vpt_images must be a list with one entry per sample ({len(prompts)}): None, an image, or "
+                         f"a list with one image (or None) per image of the sample")
+    originals = [[None] * n for n in counts]
     if vpt_images is not None:
-        extra = [b for b, (n, im) in enumerate(zip(counts, vpt_images)) if n == 0 and im is not None]
-        if extra:
-            raise ValueError(f"vpt_images gives an image for sample(s) {extra}, which hold no image pad tokens")
+        for b, (n, given) in enumerate(zip(counts, vpt_images)):
+            given = image_list(given)
+            if given and len(given) != n:
+                raise ValueError(f"vpt_images gives {len(given)} image(s) for sample {b}, which holds {n}")
+            originals[b] = [None if im is None else load_image(im) for im in given] or originals[b]
     wanted = sum(counts)
     if wanted == 0:
         if pixels is not None:
             raise ValueError("pixel_values given, but no sample holds image pad tokens")
-        return [None] * len(prompts)
+        return [[] for _ in prompts]
     if pixels is None or grids is None:
-        raise ValueError(f"{wanted} sample(s) hold image pad tokens but pixel_values / image_grid_thw are missing")
+        raise ValueError(f"the samples hold {wanted} image(s) (image pad runs) but pixel_values / image_grid_thw "
+                         f"are missing")
     grids = grids.detach().cpu().long()
     if grids.ndim != 2 or grids.shape != (wanted, 3):
         raise ValueError(f"image_grid_thw of shape {tuple(grids.shape)} for {wanted} image(s): expected ({wanted}, 3)")
@@ -281,16 +285,16 @@ def _images(bundle, prompts: list[list[int]], model_kwargs: dict, vpt_images) ->
         raise ValueError(f"pixel_values of shape {tuple(pixels.shape)}: image_grid_thw accounts for {sum(sizes)} rows")
     out, k, row = [], 0, 0
     for b, n in enumerate(counts):
-        if n == 0:
-            out.append(None)
-            continue
-        picture = vpt_images[b] if vpt_images is not None else None
-        if picture is not None:
-            picture = load_image(picture)
-        out.append(PixelImage.from_rows(pixels[row : row + sizes[k]], grids[k].tolist(), bundle.processor.qwen,
-                                        picture))
-        row += sizes[k]
-        k += 1
+        images = []
+        for picture in originals[b]:
+            try:
+                images.append(PixelImage.from_rows(pixels[row : row + sizes[k]], grids[k].tolist(),
+                                                   bundle.processor.qwen, picture))
+            except ValueError as e:
+                raise ValueError(f"image {k} (sample {b}): {e}") from None
+            row += sizes[k]
+            k += 1
+        out.append(images)
     return out
 
 

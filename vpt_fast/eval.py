@@ -1,7 +1,9 @@
 """Dataset evaluation: a JSONL of questions about images in, a JSONL of answers out.
 
 Each input line is {"id", "image", "question", "answer"?}: `image` is a path (relative to
-the JSONL file's folder) or a `data:` URL. Each output line is {"id", "prediction",
+the JSONL file's folder) or a `data:` URL, or a list of them for a question about several
+images (shown in that order before the question, unless the question places each with
+`<image>`). Each output line is {"id", "prediction",
 "finish_reason", "trace", "correct"?, "error"?}: `trace` lists what the model looked at
 (kind, grid cells, pixel boxes, tokens spliced and rolled back, milliseconds); `correct`
 (where an answer is given) is the normalized exact match:
@@ -52,7 +54,7 @@ class Item:
     """One input line: what to ask, or why it cannot be asked."""
 
     id: str
-    image: str | None = None  # an absolute path or a data: URL
+    images: list[str] | None = None  # each an absolute path or a data: URL
     question: str | None = None
     answer: Any = None
     error: str | None = None
@@ -90,11 +92,11 @@ def _item(raw: bytes, n: int, folder: Path) -> Item:
     where = f"{item_id} (line {n})"
     if not isinstance(question, str) or not question.strip():
         return Item(item_id, error=f"{where}: the question is missing or empty")
-    if not isinstance(image, str) or not image:
-        return Item(item_id, error=f"{where}: the image is missing (a path or a data: URL)")
-    if not image.startswith("data:"):
-        image = str((folder / image).resolve())
-    return Item(item_id, image, question, record.get("answer"))
+    images = image if isinstance(image, list) else [image]
+    if not images or not all(isinstance(one, str) and one for one in images):
+        return Item(item_id, error=f"{where}: the image is missing (a path or a data: URL, or a non-empty list of them)")
+    images = [one if one.startswith("data:") else str((folder / one).resolve()) for one in images]
+    return Item(item_id, images, question, record.get("answer"))
 
 
 def done_ids(out: str | os.PathLike, retry_errors: bool = False) -> set[str]:
@@ -158,14 +160,17 @@ class Answerer:
             if item.error is not None:
                 out[k] = _error_row(item, item.error)
                 continue
-            try:  # here, not in the engine, so that a message names the item
-                image = self.media.load(item.image) if item.image.startswith("data:") else load_image(item.image)
+            loaded = []
+            try:  # here, not in the engine, so that a message names the item (and the image, among several)
+                for j, image in enumerate(item.images):
+                    where = f"image {j}: " if len(item.images) > 1 else ""
+                    loaded.append(self.media.load(image) if image.startswith("data:") else load_image(image))
             except (MediaError, OSError, ValueError) as e:
-                out[k] = _error_row(item, f"{item.id}: {e}")
+                out[k] = _error_row(item, f"{item.id}: {where}{e}")
                 continue
             todo.append(k)
-            images.append(image)
-            prompts.append(question_prompt(item.question, self.mode))
+            images.append(loaded)
+            prompts.append(question_prompt(item.question, self.mode, len(loaded)))
         if todo:
             results = self.engine.generate(images, prompts, self.max_new_tokens, [self.forced] * len(todo))
             for k, result in zip(todo, results):

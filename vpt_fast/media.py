@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
@@ -53,6 +54,20 @@ class MediaPolicy:
         scheme = urlparse(url).scheme or "a bare path"
         raise MediaError(f"image URL scheme {scheme!r} is not accepted: send the image as a data: URL (base64)"
                          + (" or a file:// URL under the allowed local media path" if self.allowed_local_media_path else ""))
+
+    def load_each(self, images: list, is_url: Callable[[Any], bool] = lambda image: isinstance(image, str)) -> list:
+        """A request's images with each URL among them (what `is_url` picks) loaded by `load`,
+        the others left as they are; a MediaError names the image by its index when there are
+        several."""
+        out = []
+        for k, image in enumerate(images):
+            try:
+                out.append(self.load(image) if is_url(image) else image)
+            except MediaError as e:
+                if len(images) == 1:
+                    raise
+                raise MediaError(f"image {k}: {e}", e.status) from None
+        return out
 
     def _data(self, url: str) -> bytes:
         match = DATA_URL.fullmatch(url)

@@ -51,9 +51,10 @@ def plan_perception(bundle: VPTBundle, perception, original, first, body_ids: li
     """The next turns for a parsed output: a PerceptionPlan, None (nothing to look at:
     the output is the answer), or a finish reason when the request cannot go on.
 
-    original: the request's image as loaded (None: a text-only request, where a request
-    to look again raises ValueError); first: it prepared as the first image (the clip
-    branch re-encodes exactly that)."""
+    original: the image the perception looks at, as loaded: the conversation's first image
+    (docs/vpt.md §7; None: a text-only request, where a request to look again raises
+    ValueError); first: it made ready for the vision tower (the clip branch re-encodes
+    exactly that)."""
     tok, proc = bundle.tokenizer, bundle.processor
     if isinstance(perception, spec.Malformed):
         return "malformed"

@@ -7,7 +7,7 @@ the fixed round-2 texts.
 A user's prompt is text: it may not hold the text of a special token (`<|image_pad|>`,
 `<|im_end|>`, a VPT token, ...), which the tokenizer would read as that token and so
 change the conversation's structure or its image-pad count. Such a prompt is refused
-(`check_user_text`), never silently altered; the image goes where `<image>` stands.
+(`check_user_text`), never silently altered; each image goes where its `<image>` stands.
 """
 
 from __future__ import annotations
@@ -51,16 +51,46 @@ def vision_span(pad_token: str, count: int) -> str:
     return spec.VISION_START + pad_token * count + spec.VISION_END
 
 
-def user_content(prompt: str, image_span: str) -> str:
-    """The user's text with its one `<image>` placeholder replaced (image first when absent)."""
+def user_content(prompt: str, *image_spans: str) -> str:
+    """The user's text with its `<image>` placeholders replaced by the image spans, in order;
+    without placeholders the spans open the text (as Qwen2-VL's chat template writes image
+    parts before the text). ValueError when placeholders and spans do not pair up."""
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
     n = prompt.count(IMAGE_PLACEHOLDER)
-    if n > 1:
-        raise ValueError(f"a prompt may hold at most one {IMAGE_PLACEHOLDER!r} placeholder (one image per request), got {n}")
     if n == 0:
-        return image_span + prompt
-    return prompt.replace(IMAGE_PLACEHOLDER, image_span)
+        return "".join(image_spans) + prompt
+    if n != len(image_spans):
+        raise ValueError(f"the prompt places {n} image(s) with {IMAGE_PLACEHOLDER!r} but {len(image_spans)} "
+                         f"image(s) were given: one {IMAGE_PLACEHOLDER!r} per image, or none")
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    return pieces[0] + "".join(span + rest for span, rest in zip(image_spans, pieces[1:]))
+
+
+def image_list(images) -> list:
+    """A request's images as a list: None is no image, a list or tuple holds several (in the
+    order the conversation shows them), anything else is one image."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def runs(ids: list[int], token: int, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of `token` that starts in ids[start:stop]."""
+    stop = len(ids) if stop is None else stop
+    out, i = [], start
+    while i < stop:
+        if ids[i] == token and (i == 0 or ids[i - 1] != token):
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
 
 
 def conversation(turns: Sequence[tuple[str, str]], system: str = spec.SYSTEM_PROMPT) -> str:
@@ -147,9 +177,10 @@ ROLES = ("user", "assistant")
 
 @dataclass(frozen=True)
 class Conversation:
-    """A chat to continue: (role, text) turns, "user" or "assistant", the last one the user's; at
-    most one `<image>` placeholder, in a user turn (without one the image opens the first user
-    turn); and the system prompt (the one VPT models were trained with by default)."""
+    """A chat to continue: (role, text) turns, "user" or "assistant", the last one the user's; an
+    `<image>` placeholder in a user turn for each image of the request, in order (without any,
+    the images open the first user turn); and the system prompt (the one VPT models were
+    trained with by default)."""
 
     turns: tuple[tuple[str, str], ...]
     system: str = spec.SYSTEM_PROMPT
@@ -186,7 +217,7 @@ def as_conversation(prompt) -> Conversation:
 @dataclass(frozen=True)
 class TokenPrompt:
     """A round-1 prompt given as token ids, as a transformers processor makes them (padding
-    removed): the image's `<|image_pad|>` run already expanded to its token count. When the
+    removed): each image's `<|image_pad|>` run already expanded to its token count. When the
     ids are a chat conversation in Qwen2-VL's template (system turn, user and assistant
     turns, the assistant header last), a perception continues it as the two-round flow
     would; other ids (a raw prompt) are run as they are, and a request for a perception then
@@ -228,14 +259,25 @@ def parse_conversation(tokenizer, ids: Sequence[int]) -> tuple[str, tuple[tuple[
 
 @dataclass(frozen=True)
 class FirstTurn:
-    """A request's image and conversation, made ready for round 1."""
+    """A request's images and conversation, made ready for round 1."""
 
-    original: Any  # the image as loaded (PIL), for crops and re-encoding; None without an image
-    first: Any  # it capped (or a PixelImage): the conversation's first image (None without an image)
-    turns: tuple[tuple[str, str], ...] | None  # the conversation's turns, the image span in place of
+    originals: tuple  # every image as loaded (PIL), in the order the conversation shows them
+    images: tuple  # each made ready (capped, or a PixelImage): the images of the round-1 prompt
+    turns: tuple[tuple[str, str], ...] | None  # the conversation's turns, the image spans in place of
     # `<image>`; None for a TokenPrompt that is not a chat conversation
     system: str
     ids: list[int]  # the round-1 prompt: system turn, the turns, assistant header
+
+    @property
+    def original(self):
+        """The image a perception looks at, as loaded: the conversation's first image
+        (docs/vpt.md §7); None without an image."""
+        return self.originals[PERCEIVED_IMAGE] if self.originals else None
+
+    @property
+    def first(self):
+        """That image made ready: the one the clip branch re-encodes; None without an image."""
+        return self.images[PERCEIVED_IMAGE] if self.images else None
 
     @property
     def user(self) -> str:
@@ -243,16 +285,43 @@ class FirstTurn:
         return self.turns[-1][1]
 
 
-def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
-    """Load and check one request's image and prompt (a str or a Conversation) and encode its
-    round-1 prompt. image may be None (a text-only request).
+PERCEIVED_IMAGE = 0  # the index, among a request's images, of the one its perceptions look at
 
-    Raises TypeError / ValueError / OSError with a message naming what is wrong; the
-    image-pad count of the result is always the image's own token count."""
+
+def _load_images(bundle, images: list, prepared: bool) -> tuple[tuple, tuple]:
+    """(originals, made-ready images) of a request's images; an error names the image (by its
+    index) when there are several. prepared: PixelImages are taken as they are."""
+    originals, ready = [], []
+    for k, image in enumerate(images):
+        try:
+            if image is None:
+                raise TypeError("an image is None (leave a text-only request's image out instead)")
+            if isinstance(image, PixelImage):
+                if not prepared:
+                    raise TypeError("a PixelImage (patch rows) goes with a TokenPrompt, whose ids hold its image pads")
+                originals.append(image.picture)
+                ready.append(image)
+                continue
+            originals.append(load_image(image))
+            ready.append(bundle.processor.prepare(originals[-1]))
+        except (OSError, ValueError, TypeError) as e:
+            if len(images) == 1:
+                raise
+            raise type(e)(f"image {k}: {e}") from None
+    return tuple(originals), tuple(ready)
+
+
+def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
+    """Load and check one request's images and prompt (a str or a Conversation) and encode its
+    round-1 prompt. image: None (a text-only request), one image, or a list of images, which
+    go where the conversation's `<image>` placeholders stand, in order (one placeholder per
+    image), or without placeholders all open the first user turn.
+
+    Raises TypeError / ValueError / OSError with a message naming what is wrong (and which
+    image, when there are several); the image-pad count of each image's run is always that
+    image's own token count."""
     if isinstance(prompt, TokenPrompt):
         return _token_turn(bundle, image, prompt)
-    if isinstance(image, PixelImage):
-        raise TypeError("a PixelImage (patch rows) goes with a TokenPrompt, whose ids hold its image pads")
     chat = as_conversation(prompt)
     single = isinstance(prompt, str)
     for i, (_, text) in enumerate(chat.turns):
@@ -264,29 +333,33 @@ def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
         check_user_text(chat.system, specials)
     except ValueError as e:
         raise ValueError(f"the system prompt: {e}") from None
+    images = image_list(image)
     placed = [i for i, (_, text) in enumerate(chat.turns) if IMAGE_PLACEHOLDER in text]
     count = sum(text.count(IMAGE_PLACEHOLDER) for _, text in chat.turns)
-    if count > 1:
-        raise ValueError(f"a prompt may hold at most one {IMAGE_PLACEHOLDER!r} placeholder (one image per request), got {count}")
-    if placed and chat.turns[placed[0]][0] != "user":
-        raise ValueError(f"turn {placed[0]} is the assistant's: the image goes in a user turn")
-    if image is None:
-        if placed:
-            raise ValueError(f"the prompt places an image with {IMAGE_PLACEHOLDER!r} but no image was given")
-        original = first = None
-        turns, n = chat.turns, 0
-    else:
-        original = load_image(image)
-        first = bundle.processor.prepare(original)
-        n = bundle.processor.token_count(first)
-        at = placed[0] if placed else next(i for i, (role, _) in enumerate(chat.turns) if role == "user")
-        turns = tuple((role, user_content(text, vision_span(spec.IMAGE_PAD, n)) if i == at else text)
-                      for i, (role, text) in enumerate(chat.turns))
+    wrong = [i for i in placed if chat.turns[i][0] != "user"]
+    if wrong:
+        raise ValueError(f"turn {wrong[0]} is the assistant's: an image goes in a user turn")
+    if count and not images:
+        raise ValueError(f"the prompt places an image with {IMAGE_PLACEHOLDER!r} but no image was given")
+    if count and count != len(images):
+        raise ValueError(f"the prompt places {count} image(s) with {IMAGE_PLACEHOLDER!r} but {len(images)} image(s) "
+                         f"were given: one {IMAGE_PLACEHOLDER!r} per image, or none (the images then open the first "
+                         f"user turn)")
+    originals, ready = _load_images(bundle, images, prepared=False)
+    counts = [bundle.processor.token_count(im) for im in ready]
+    spans = iter(vision_span(spec.IMAGE_PAD, n) for n in counts)
+    if not count and ready:
+        placed = [next(i for i, (role, _) in enumerate(chat.turns) if role == "user")]
+    turns = []
+    for i, (role, text) in enumerate(chat.turns):
+        if i in placed:
+            text = user_content(text, *(next(spans) for _ in range(text.count(IMAGE_PLACEHOLDER) or len(ready))))
+        turns.append((role, text))
     ids = encode(bundle.tokenizer, conversation(turns, chat.system))
     got = ids.count(bundle.vocab.image_pad)
-    if got != n:
-        raise ValueError(f"the prompt encodes to {got} image pad tokens where the image has {n}")
-    return FirstTurn(original, first, turns, chat.system, ids)
+    if got != sum(counts):
+        raise ValueError(f"the prompt encodes to {got} image pad tokens where the images have {sum(counts)}")
+    return FirstTurn(originals, ready, tuple(turns), chat.system, ids)
 
 
 def _token_turn(bundle, image, prompt: TokenPrompt) -> FirstTurn:
@@ -295,22 +368,19 @@ def _token_turn(bundle, image, prompt: TokenPrompt) -> FirstTurn:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"the prompt holds token ids {bad[:5]} outside [0, {vocab_size})")
-    pads = [i for i, t in enumerate(ids) if t == bundle.vocab.image_pad]
-    if image is None:
-        original = first = None
-        if pads:
-            raise ValueError(f"the prompt holds {len(pads)} image pad tokens but no image was given")
-    else:
-        if isinstance(image, PixelImage):
-            original, first = image.picture, image
-        else:
-            original = load_image(image)
-            first = bundle.processor.prepare(original)
-        n = bundle.processor.token_count(first)
-        if len(pads) != n:
-            raise ValueError(f"the prompt holds {len(pads)} image pad tokens where the image has {n}")
-        if pads[-1] - pads[0] + 1 != n:
-            raise ValueError("the prompt's image pad tokens are not one run: one image per request")
+    pad = bundle.vocab.image_pad
+    found = runs(ids, pad)
+    images = image_list(image)
+    if len(found) != len(images):
+        raise ValueError(f"the prompt holds {len(found)} image pad run(s) ({sum(n for _, n in found)} tokens) but "
+                         f"{len(images)} image(s) were given: one run per image")
+    originals, ready = _load_images(bundle, images, prepared=True)
+    for k, ((_, n), im) in enumerate(zip(found, ready)):
+        want = bundle.processor.token_count(im)
+        if n != want:
+            which = f"image {k}" if len(ready) > 1 else "the image"
+            raise ValueError(f"the prompt holds {n} image pad tokens where {which} has {want}")
     parsed = parse_conversation(bundle.tokenizer, ids)
     system, turns = parsed if parsed is not None else (spec.SYSTEM_PROMPT, None)
-    return FirstTurn(original, first, turns, system, ids)
+    return FirstTurn(originals, ready, turns, system, ids)
+

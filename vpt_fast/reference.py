@@ -240,8 +240,10 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
                        return_logits: bool = False, answer_max_new_tokens: int | None = None) -> list[ReferenceResult]:
     """Run the published two-round VPT evaluation flow on a batch of requests.
 
-    images: one path or PIL image per request; prompts: the user's text with at most
-    one `<image>` placeholder (the image goes first when there is none);
+    images: per request None, one path or PIL image, or a list of them; prompts: the user's
+    text (or a Conversation) with one `<image>` placeholder per image (without any, the
+    images open the first user turn). A perception looks at the conversation's first image
+    (docs/vpt.md §7);
     forced_tokens[i]: token ids request i must generate first in round 1 (None: free).
     Greedy by default; with do_sample, top-k / top-p sampling seeded by `seed`.
     max_new_tokens bounds each round; answer_max_new_tokens, when given, bounds round 2.
@@ -265,7 +267,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
             starts.append(first_turn(bundle, image, prompt, specials))
         except (OSError, ValueError, TypeError) as e:
             raise type(e)(f"request {i}: {e}") from e
-    r1_rows = [_Row(ids=t.ids, images=[t.first] if t.first is not None else [], forced=f) for t, f in zip(starts, forced)]
+    r1_rows = [_Row(ids=t.ids, images=list(t.images), forced=f) for t, f in zip(starts, forced)]
     r1_new, r1_logits, r1_finish = _generate(bundle, r1_rows, max_new_tokens, do_sample, top_k, top_p, generator, return_logits)
 
     results: list[ReferenceResult] = []
@@ -290,7 +292,7 @@ def two_round_generate(bundle: VPTBundle, images, prompts, max_new_tokens: int =
             res.boxes = plan.boxes if plan.kind == "region" else []
             turns = [*starts[i].turns, *plan.turns]
             r2_rows.append(_Row(ids=encode(tok, conversation(turns, starts[i].system)),
-                                images=[starts[i].first, *plan.images], reencode=plan.reencode))
+                                images=[*starts[i].images, *plan.images], reencode=plan.reencode))
             r2_index.append(i)
 
     if r2_rows:

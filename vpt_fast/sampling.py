@@ -210,15 +210,17 @@ def sample(scores: torch.Tensor, do_sample: bool, top_k, top_p, generator, tempe
 
 
 def check_batch(images, prompts, forced_tokens) -> list:
-    """Check the shape of a call (one image and one prompt per request, forced_tokens matching);
+    """Check the shape of a call (one entry of images and one prompt per request, forced_tokens
+    matching);
     returns forced_tokens as a list with one entry per request. What is wrong with a single
     request (its image, prompt or forced tokens) is left to the per-request checks."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError("prompts must be a list of str (one per request)")
     if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        raise TypeError("images must be a list (one path or PIL image per request)")
+        raise TypeError("images must be a list with one entry per request (None, a path or PIL image, or a list of them)")
     if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: one image per request expected")
+        raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: one entry (None, an image or a list "
+                         f"of images) per request expected")
     if not prompts:
         raise ValueError("no requests given")
     if forced_tokens is None:

@@ -192,7 +192,7 @@ def evaluate_with_ray(data: str | os.PathLike, out: str | os.PathLike, *, model:
 SERVE_OPTIONS = ("model", "device", "dtype", "api_key", "served_model_name", "allowed_local_media_path",
                  "max_image_bytes", "max_image_pixels", "max_queue", "max_batch_size", "max_seq_len", "kv_cache_gib",
                  "default_max_tokens", "max_request_bytes", "protect_metrics", "max_num_batched_tokens",
-                 "enable_prefix_caching", "encoder_cache_gib")
+                 "enable_prefix_caching", "encoder_cache_gib", "limit_mm_per_prompt")
 
 
 class _Replica:

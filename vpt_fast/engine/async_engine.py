@@ -169,8 +169,8 @@ class AsyncEngine:
 
     def submit(self, image, prompt, params: SamplingParams | None = None, forced_tokens=None, *,
                strict: bool = False) -> RequestHandle:
-        """Queue a request (image: a path, a PIL image or None; prompt: a str or a
-        `prompt.Conversation`); returns its handle. Raises QueueFull when the waiting queue is
+        """Queue a request (image: a path, a PIL image, a list of them (one per `<image>` of the
+        prompt) or None; prompt: a str or a `prompt.Conversation`); returns its handle. Raises QueueFull when the waiting queue is
         at its bound, EngineClosed after shutdown, TypeError for params that are not
         SamplingParams. An unusable image or prompt finishes the request with reason "error",
         or, with strict=True, raises RequestRejected before anything is queued."""

@@ -61,15 +61,15 @@ def settings_key(processor, image_pipeline: str) -> bytes:
 
 
 def image_key(settings: bytes, content: bytes, box) -> bytes:
-    """The key of the Qwen2-VL image made from an image's `box` (the whole image for the first
-    one, a region for a crop)."""
+    """The key of the Qwen2-VL image made from an image's `box` (the whole image for an image
+    of the prompt, a region for a crop)."""
     return _digest(b"image", settings, content, np.asarray(box, np.int64).tobytes())
 
 
-def first_image_key(settings: bytes, first, content: bytes, box) -> bytes:
-    """The key of a request's first image: made from its original, or given as patch rows."""
-    if isinstance(first, PixelImage):
-        return _digest(b"image rows", settings, content_key(first))
+def prompt_image_key(settings: bytes, image, content: bytes, box) -> bytes:
+    """The key of an image of a request's prompt: made from its original, or given as patch rows."""
+    if isinstance(image, PixelImage):
+        return _digest(b"image rows", settings, content_key(image))
     return image_key(settings, content, box)
 
 

@@ -11,7 +11,7 @@ from ..ops import mrope_positions
 from ..prompt import body_of, first_turn, special_token_pattern
 from ..sampling import SamplingParams, check_forced
 from .cache import SequenceBound
-from .prefix_cache import content_key, first_image_key
+from .prefix_cache import content_key, prompt_image_key
 from .state import GenerationResult, Request
 from .structured import GrammarBook
 from .text import IncrementalText, cut_at_stop
@@ -35,7 +35,7 @@ class RequestIntake:
     def make(self, rid: int, image, prompt, params: SamplingParams | None, forced_tokens,
              name: str | None = None) -> Request:
         """Request `rid`, loaded, encoded and placed (M-RoPE positions), with its sampling seed
-        and its image's content keys (with a structured output, its compiled grammar).
+        and its images' content keys (with a structured output, its compiled grammar).
         Bad parameters raise TypeError; an unusable image, prompt or forced tokens, a grammar
         that does not compile, or a prompt longer than a sequence may be, give a request
         already finished with its reason."""
@@ -50,17 +50,17 @@ class RequestIntake:
             constraint = self.grammars.constraint(params.structured) if params.structured is not None else None
         except (OSError, ValueError, TypeError) as e:
             return Request(rid, params, None, name=name, error=f"{name}: {e}")
-        grids = [self.bundle.processor.grid_thw(turn.first)] if turn.first is not None else []
+        grids = [self.bundle.processor.grid_thw(image) for image in turn.images]
         positions, _ = mrope_positions(turn.ids, 0, grids, image_pad_id=self.image_pad, spatial_merge_size=self.merge)
         r = Request(rid, params, forced, turn, positions, name=name)
-        if constraint is not None and turn.first is None:
+        if constraint is not None and not turn.images:
             constraint.openers = None  # no image to look at again: the answer begins at once
         r.constraint = constraint
         if params.stop:
             r.stop_text = IncrementalText(self.bundle.tokenizer)
-        if turn.first is not None:
-            r.original_key = content_key(turn.original)
-            r.image_keys = [first_image_key(self.settings, turn.first, r.original_key, r.boxes[0])]
+        r.original_keys = [content_key(original) for original in turn.originals]
+        r.image_keys = [prompt_image_key(self.settings, image, key, box)
+                        for image, key, box in zip(turn.images, r.original_keys, r.boxes)]
         r.seed = params.seed if params.seed is not None else secrets.randbits(63)
         if len(r.ids) > self.bound.tokens:
             r.finish("length", f"{name}: the prompt has {len(r.ids)} tokens, more than {self.bound}")

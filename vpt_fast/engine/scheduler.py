@@ -253,7 +253,8 @@ class Engine:
     # ------------------------------------------------------------------ step API
 
     def add_request(self, image, prompt: str, params: SamplingParams | None = None, forced_tokens=None) -> int:
-        """Queue one request; returns its id. An unusable image, prompt or forced tokens do not
+        """Queue one request; returns its id. image: None, one image (path or PIL) or a list of
+        them, one per `<image>` of the prompt. An unusable image, prompt or forced tokens do not
         raise: the request finishes with reason "error" and a message at the next step.
         params: a `SamplingParams` (default: greedy, 64 tokens a round)."""
         with self._one_call():
@@ -308,11 +309,14 @@ class Engine:
         """Generate, yielding tokens, perceptions and finished requests as they happen; events
         name requests by their index in this call.
 
-        images / prompts / forced_tokens: one image (path or PIL) and one prompt (at most one
-        `<image>`) per request; forced_tokens[i] scripts the first round-1 tokens of request
-        i. The other arguments, and any other `SamplingParams` field given by name (stop,
-        presence_penalty, logprobs, n, structured, ...), make one `SamplingParams` for every
-        request (each sampled request's noise comes from `seed`: see `sampler`). A request whose image, prompt or
+        images / prompts / forced_tokens: per request its images (None, one path or PIL image,
+        or a list of them) and one prompt (a str or a Conversation with one `<image>` per
+        image, or none: the images then open the first user turn); a perception looks at the
+        request's first image (docs/vpt.md §7); forced_tokens[i] scripts the first round-1
+        tokens of request i. The other arguments, and any other `SamplingParams` field given by
+        name (stop, presence_penalty, logprobs, n, structured, ...), make one `SamplingParams`
+        for every request (each sampled request's noise comes from `seed`: see `sampler`). A
+        request whose image, prompt or
         forced tokens are unusable finishes with reason "error" and its message; the others
         go on. The engine must have no request of the step API in flight.
         """
@@ -326,15 +330,15 @@ class Engine:
         """Answer a conversation given as chat messages, or a batch of them.
 
         messages: a list of {"role", "content"} dicts (OpenAI's or Hugging Face's shapes, see
-        `vpt_fast.chat.from_messages`: system, user and assistant turns; text parts and at
-        most one image part, {"type": "image", "image": PIL image | path} or {"type":
+        `vpt_fast.chat.from_messages`: system, user and assistant turns; text parts and image
+        parts in any user turn, {"type": "image", "image": PIL image | path} or {"type":
         "image_url", "image_url": {"url": "data:..."}}), answered as a GenerationResult; or a
         list of such lists, answered as a list in order. params: a SamplingParams for every
         conversation (default: greedy, 64 tokens a round); forced_tokens: round-1 tokens to
         script (one list for a single conversation, one entry per conversation for a batch).
-        A conversation whose messages or image are unusable finishes with reason "error" and
-        its message; the others go on. With params.n > 1, each conversation's answer is a list
-        of n GenerationResults."""
+        A conversation whose messages or images are unusable finishes with reason "error" and
+        its message (naming the image, by its index, when there are several); the others go on.
+        With params.n > 1, each conversation's answer is a list of n GenerationResults."""
         from ..chat import from_messages
         from ..media import MediaError, MediaPolicy
 
@@ -352,13 +356,12 @@ class Engine:
         media, jobs, failed = MediaPolicy(), [], {}
         for i, conv in enumerate(batch):
             try:
-                image, conversation = from_messages(conv)
-                if isinstance(image, str) and image.startswith("data:"):
-                    image = media.load(image)
+                images, conversation = from_messages(conv)
+                images = media.load_each(images, lambda image: isinstance(image, str) and image.startswith("data:"))
             except (ValueError, TypeError, MediaError) as e:
                 failed[i] = f"conversation {i}: {e}" if not single else str(e)
-                image, conversation = None, None
-            jobs.append((image, conversation, params, forced[i]))
+                images, conversation = None, None
+            jobs.append((images, conversation, params, forced[i]))
         n = params.n if params is not None else 1
         todo = [i for i in range(len(batch)) if i not in failed]
         answered = _collect(self._batch([jobs[i] for i in todo]), len(todo), n)
@@ -633,7 +636,7 @@ class Engine:
             pending = r.pending_trace
             if pending is not None:
                 trace = PerceptionTrace(pending.kind, pending.cells, pending.boxes, pending.tokens, pending.rolled_back,
-                                        now - pending.round_end_time)
+                                        now - pending.round_end_time, pending.image)
                 r.trace.append(trace)
                 r.pending_trace = None
                 events.append(PerceptionEvent(r.group, trace, r.index))

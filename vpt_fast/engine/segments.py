@@ -19,10 +19,11 @@ from ..checkpoint import VPTBundle
 from ..ops import crop_patch_embed
 from ..perception import branch_features, project_features
 from ..preprocess import PixelImage, smart_resize, to_rgb
+from ..prompt import PERCEIVED_IMAGE, runs
 from .cache import PagedKVCache
 from .encoder_cache import EncoderCache
 from .runner import Runner
-from .state import Request, runs
+from .state import Request
 
 
 class SegmentRunner:
@@ -48,12 +49,12 @@ class SegmentRunner:
     def _wanted_images(self, r: Request) -> list[tuple[int, int]]:
         """(run start, image index) of r's images whose features are needed and missing: those
         whose runs reach into r's pending tokens (a run may begin in blocks found in the prefix
-        cache), and the first image of a pending clip re-encoding (its features are the clip
+        cache), and the image a pending clip re-encoding looks at (its features are the clip
         branch's input)."""
         every = runs(r.ids, self.vocab.image_pad)
         wanted = [(start, k) for k, (start, n) in enumerate(every) if start + n > r.num_cached]
         if r.pending_reencode is not None and r.pending_reencode.kind == "clip":
-            wanted.insert(0, (every[0][0], 0))
+            wanted.insert(0, (every[PERCEIVED_IMAGE][0], PERCEIVED_IMAGE))
         return list(dict.fromkeys((start, k) for start, k in wanted if start not in r.spans))
 
     def _vision(self, requests: list[Request]) -> None:
@@ -106,11 +107,13 @@ class SegmentRunner:
                 rows.append(pixels.to(self.device))
                 grids.append(grid[0].tolist())
                 continue
-            if r.device_image is None:
-                r.device_image = torch.from_numpy(np.array(to_rgb(r.turn.original))).to(self.device).contiguous()
+            source = r.sources[k]
+            if source not in r.device_images:
+                original = r.turn.originals[source]
+                r.device_images[source] = torch.from_numpy(np.array(to_rgb(original))).to(self.device).contiguous()
             capped = r.images[k]
             out_hw = smart_resize(capped.height, capped.width, q.factor, q.min_pixels, q.max_pixels)
-            rows.append(crop_patch_embed(r.device_image, r.boxes[k], out_hw, mean=q.image_mean, std=q.image_std,
+            rows.append(crop_patch_embed(r.device_images[source], r.boxes[k], out_hw, mean=q.image_mean, std=q.image_std,
                                          max_side=self.bundle.processor.max_side, patch_size=q.patch_size,
                                          merge_size=q.merge_size, temporal_patch_size=q.temporal_patch_size))
             grids.append([1, out_hw[0] // q.patch_size, out_hw[1] // q.patch_size])
@@ -124,9 +127,9 @@ class SegmentRunner:
             if r.pending_reencode is not None:
                 by_kind.setdefault(r.pending_reencode.kind, []).append(r)
         for kind, group in by_kind.items():
-            if kind == "clip":  # the clip branch re-encodes the first image: reuse its features
+            if kind == "clip":  # the clip branch re-encodes the image it looks at: reuse its features
                 for r in group:
-                    out[r.id] = r.spans[runs(r.ids, self.vocab.image_pad)[0][0]]
+                    out[r.id] = r.spans[runs(r.ids, self.vocab.image_pad)[PERCEIVED_IMAGE][0]]
                 continue
             todo: dict = {}  # requests whose features are still to make, by key
             for r in group:

@@ -14,10 +14,10 @@ from .. import spec
 from ..checkpoint import VPTBundle
 from ..ops import mrope_positions
 from ..perception import plan_perception, unsupported_message
-from ..prompt import body_of, conversation, encode
+from ..prompt import PERCEIVED_IMAGE, body_of, conversation, encode, runs
 from .cache import PagedKVCache, SequenceBound
 from .prefix_cache import branch_key, image_key
-from .state import PendingReencode, PendingTrace, Request, back_out_of_runs, longest_common_prefix, runs
+from .state import PendingReencode, PendingTrace, Request, back_out_of_runs, longest_common_prefix
 
 
 class Splicer:
@@ -82,7 +82,8 @@ class Splicer:
         r.images += plan.images
         if plan.kind == "region":
             r.boxes += plan.boxes
-            r.image_keys += [image_key(self.settings, r.original_key, box) for box in plan.boxes]
+            r.sources += [PERCEIVED_IMAGE] * len(plan.boxes)
+            r.image_keys += [image_key(self.settings, r.original_keys[PERCEIVED_IMAGE], box) for box in plan.boxes]
         first_new = len(runs(new_ids, self.vocab.image_pad, 0, keep))
         segment = new_ids[keep:]
         grids = [self.bundle.processor.grid_thw(image) for image in r.images[first_new:]]
@@ -91,8 +92,10 @@ class Splicer:
         r.append(segment, positions)
         if plan.reencode is not None:
             kind, model_input = plan.reencode
-            r.pending_reencode = PendingReencode(kind, model_input, branch_key(self.settings, kind, r.original_key))
+            r.pending_reencode = PendingReencode(kind, model_input, branch_key(self.settings, kind,
+                                                                                     r.original_keys[PERCEIVED_IMAGE]))
         else:
             r.pending_reencode = None
-        r.pending_trace = PendingTrace(plan.kind, plan.cells, plan.boxes, len(segment), rolled, r.round_end_time)
+        r.pending_trace = PendingTrace(plan.kind, plan.cells, plan.boxes, len(segment), rolled, r.round_end_time,
+                                       PERCEIVED_IMAGE)
         r.round += 1

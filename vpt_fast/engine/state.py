@@ -34,11 +34,13 @@ class PerceptionTrace:
     tokens_spliced: int  # new tokens written into the cache
     tokens_rolled_back: int  # cached tokens dropped because the next round re-reads them differently
     seconds: float  # wall time from the end of the round to the spliced segment in the cache
+    image: int = 0  # which of the request's images was looked at (its index; docs/vpt.md §7)
 
     def to_json(self, timing: bool = True) -> dict[str, Any]:
         """The trace as JSON-ready data (lists for the tuples); with timing, "ms" as well."""
-        out = {"kind": self.kind, "cells": [list(c) for c in self.cells], "boxes": [list(b) for b in self.boxes],
-               "tokens_spliced": self.tokens_spliced, "tokens_rolled_back": self.tokens_rolled_back}
+        out = {"kind": self.kind, "image": self.image, "cells": [list(c) for c in self.cells],
+               "boxes": [list(b) for b in self.boxes], "tokens_spliced": self.tokens_spliced,
+               "tokens_rolled_back": self.tokens_rolled_back}
         if timing:
             out["ms"] = round(self.seconds * 1e3, 3)
         return out
@@ -190,6 +192,7 @@ class PendingTrace:
     tokens: int
     rolled_back: int
     round_end_time: float
+    image: int  # the index of the request's image looked at
 
 
 class Request:
@@ -217,12 +220,14 @@ class Request:
         self.turn = turn  # prompt.FirstTurn, or None when the request failed its checks
         # the conversation's turns; None when the prompt came as token ids that are not one
         self.turns: list[tuple[str, str]] | None = list(turn.turns) if turn is not None and turn.turns is not None else None
-        has_image = turn is not None and turn.first is not None
-        self.images: list[Any] = [turn.first] if has_image else []  # every image of the conversation, in order
-        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *turn.original.size)] if has_image else []
-        self.device_image: torch.Tensor | None = None  # the original as uint8 (H, W, 3) on the device, when used
-        # content keys (`prefix_cache`): of the original, and of every image in `images`
-        self.original_key: bytes | None = None
+        prompt_images = list(turn.images) if turn is not None else []
+        self.images: list[Any] = prompt_images  # every image of the conversation, in order (crops after the prompt's)
+        # the original each image is cut from (its index in turn.originals), and the box it is cut by
+        self.sources: list[int] = list(range(len(prompt_images)))
+        self.boxes: list[tuple[int, int, int, int]] = [(0, 0, *o.size) for o in turn.originals] if turn is not None else []
+        self.device_images: dict[int, torch.Tensor] = {}  # originals as uint8 (H, W, 3) on the device, when used
+        # content keys (`prefix_cache`): of each original, and of every image in `images`
+        self.original_keys: list[bytes] = []
         self.image_keys: list[bytes] = []
         # prefix caching: hashes of the full blocks of `ids` (None: never shared), the image runs
         # begun in them (starts; and the count up to each block), and how many are published
@@ -269,12 +274,13 @@ class Request:
         new = copy.copy(self)
         new.id, new.index, new.seed, new.unforked = request_id, index, seed, 0
         new.name = f"{self.name} (answer {index})"
-        for name in ("turns", "images", "boxes", "image_keys", "block_hashes", "block_runs", "run_starts", "ids", "tail",
-                     "blocks", "round_ids", "generated", "round1_ids", "answer_ids", "trace", "logits_log",
-                     "logprobs_log"):
+        for name in ("turns", "images", "sources", "boxes", "original_keys", "image_keys", "block_hashes", "block_runs",
+                     "run_starts", "ids", "tail", "blocks", "round_ids", "generated", "round1_ids", "answer_ids", "trace",
+                     "logits_log", "logprobs_log"):
             value = getattr(self, name)
             setattr(new, name, list(value) if value is not None else None)
         new.spans = dict(self.spans)
+        new.device_images = dict(self.device_images)
         new.coming = []
         new.positions = copy.deepcopy(self.positions)
         new.slot = None
@@ -367,19 +373,3 @@ def back_out_of_runs(ids: list[int], cut: int, run_tokens: set[int]) -> int:
     while 0 < cut < len(ids) and ids[cut] in run_tokens and ids[cut - 1] in run_tokens:
         cut -= 1
     return cut
-
-
-def runs(ids: list[int], token: int, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
-    """(start, length) of every maximal run of `token` that starts in ids[start:stop]."""
-    stop = len(ids) if stop is None else stop
-    out, i = [], start
-    while i < stop:
-        if ids[i] == token and (i == 0 or ids[i - 1] != token):
-            j = i
-            while j < len(ids) and ids[j] == token:
-                j += 1
-            out.append((i, j - i))
-            i = j
-        else:
-            i += 1
-    return out

@@ -3,7 +3,7 @@
 Routes: POST /v1/chat/completions (streaming with SSE or not), GET /v1/models, GET /health,
 GET /metrics (Prometheus text); with `ServeConfig.replica_id`, every response names its
 replica in an `x-vpt-fast-replica` header. Errors are OpenAI-style JSON bodies: 400 for an unreadable
-image, a bad message or an out-of-range parameter, 401 for a wrong or missing key, 404 for
+image, a bad message, more images than `limit_mm_per_prompt` or an out-of-range parameter, 401 for a wrong or missing key, 404 for
 another model name, 413 for an image over the byte or pixel limit, 429 when the waiting
 queue is full, 503 while shutting down or once the engine is dead (a device failure). A client that goes away aborts its request.
 
@@ -60,6 +60,7 @@ class ServeConfig:
     replica_id: str | None = None  # sent as the x-vpt-fast-replica header of every response (Ray Serve)
     max_request_bytes: int | None = None  # a body over it is refused (413) while it is read; None: the default
     protect_metrics: bool = False  # /metrics behind the API key too
+    limit_mm_per_prompt: int = 8  # the most images one request may carry (vLLM's option); past it a 400
 
     @property
     def request_limit(self) -> int:
@@ -249,7 +250,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         return await respond(handle, completion, request, arrival, notes)
 
     def parse(raw: bytes) -> tuple[ChatCompletionRequest, Any, Any, SamplingParams, dict]:
-        """The request checked, before any tokenizing: (body, image, conversation, params, notes)."""
+        """The request checked, before any tokenizing: (body, images, conversation, params, notes)."""
         try:
             body = ChatCompletionRequest.model_validate_json(raw)
         except ValidationError as e:
@@ -267,7 +268,8 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             logger.warning("request fields ignored: %s", ", ".join(ignored))
         try:
             params, warned = body.sampling_params(config.default_max_tokens)
-            image, chat = from_messages(body.messages_as_dicts(), mode=body.vpt_mode)
+            images, chat = from_messages(body.messages_as_dicts(), mode=body.vpt_mode,
+                                         max_images=config.limit_mm_per_prompt)
         except (TypeError, ValueError) as e:
             raise HTTPError(400, str(e), "messages") from None
         if warned:
@@ -282,16 +284,15 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         if chars > max_text_chars:
             raise HTTPError(400, f"the request holds {chars} characters of text, more than the {max_text_chars} this "
                                  f"server reads (max_seq_len {engine.engine.max_seq_len} tokens)", "messages")
-        return body, image, chat, params, notes
+        return body, images, chat, params, notes
 
     async def admit(raw: bytes):
-        """Parse, load the image, tokenize and queue the request, in a worker thread (nothing of it
+        """Parse, load the images, tokenize and queue the request, in a worker thread (nothing of it
         on the event loop); (handle, body, notes)."""
         def work():
-            body, image, chat, params, notes = parse(raw)
+            body, images, chat, params, notes = parse(raw)
             forced = script_ids(tokenizer, body.vpt_force) if body.vpt_force else None
-            loaded = config.media.load(image) if isinstance(image, str) else image
-            return engine.submit(loaded, chat, params, forced, strict=True), body, notes
+            return engine.submit(config.media.load_each(images), chat, params, forced, strict=True), body, notes
 
         try:
             return await run_in_threadpool(work)

@@ -40,7 +40,8 @@ def make_app(args, replica_id: str | None = None):
                         allowed_local_media_path=args.allowed_local_media_path)
     config = ServeConfig(model_name=args.served_model_name or model_path.name, api_key=args.api_key, media=media,
                          default_max_tokens=args.default_max_tokens, replica_id=replica_id,
-                         max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics)
+                         max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
+                         limit_mm_per_prompt=args.limit_mm_per_prompt)
     return build_app(AsyncEngine(engine, max_queue=args.max_queue), config)
 
 
