@@ -155,7 +155,7 @@ class Penalize:  # a logits processor of the user's own
     ({"num_beams": 2}, "num_beams=2"),
     ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size=2"),
     ({"min_new_tokens": 5}, "min_new_tokens=5"),
-    ({"output_scores": True, "return_dict_in_generate": True}, "output_scores=True"),
+    ({"output_scores": True, "return_dict_in_generate": True}, "output_scores=True for 3 sequence"),
     ({"logits_processor": "custom"}, "logits_processor is given"),
     ({"stopping_criteria": "custom"}, "stopping_criteria is given"),
 ])
@@ -390,3 +390,64 @@ def test_engine_chat_single_batched_and_multi_turn(tiny_bundle, plain):
     reference = two_round_generate(vpt.bundle, [IMAGES[1]], [vpt_fast.chat.from_messages(first)[1]], 64,
                                    [toks(vpt.bundle.tokenizer, region(([2], [3])))])
     assert looked.sequence_ids == reference[0].round2_prompt_ids + reference[0].answer_ids
+
+
+def test_scores_logits_and_stop_strings_equal_transformers(patched):
+    """One sequence of the stock model: output_scores and output_logits equal transformers' own
+    (greedy with a repetition penalty, and sampled with temperature, top-k and top-p: the
+    scores of the engine's tokens through the same processors), and stop_strings end the
+    sequence where transformers' does."""
+    model, inputs = patched
+    x = inputs.chat([conversation(0, True)], [IMAGES[0]])
+    length = x["input_ids"].shape[1]
+    options = dict(max_new_tokens=10, repetition_penalty=1.3, return_dict_in_generate=True, output_scores=True,
+                   output_logits=True)
+    want = stock_generate(model, **x, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        got = model.generate(**x, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    for name in ("scores", "logits"):
+        assert len(getattr(got, name)) == len(getattr(want, name))
+        worst = max((a - b).abs().max().item() for a, b in zip(getattr(got, name), getattr(want, name)))
+        assert worst <= 1e-4, (name, worst)
+    sampled = model.generate(**x, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=30, top_p=0.9,
+                             return_dict_in_generate=True, output_scores=True, output_logits=True)
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    for i, (s, l) in enumerate(zip(sampled.scores, sampled.logits)):
+        ref = l.clone()
+        for proc in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(30), TopPLogitsWarper(0.9)):
+            ref = proc(sampled.sequences[:, : length + i], ref)
+        assert torch.equal(torch.isinf(s), torch.isinf(ref)) and torch.allclose(s[~torch.isinf(s)], ref[~torch.isinf(ref)])
+        assert not torch.isinf(s[0, sampled.sequences[0, length + i]])  # the token drawn was allowed
+    tok = inputs.tokenizer
+    plain = stock_generate(model, **x, max_new_tokens=16)[0, length:]
+    text = tok.decode(plain, skip_special_tokens=True)
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    want = stock_generate(model, **x, max_new_tokens=16, stop_strings=[stop], tokenizer=tok)
+    got = model.generate(**x, max_new_tokens=16, stop_strings=[stop], tokenizer=tok)
+    assert torch.equal(got, want) and got.shape[1] < length + 16
+    with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
+        model.generate(**x, max_new_tokens=4, stop_strings=["x"])
+
+
+def test_num_return_sequences_with_sampling(patched):
+    """num_return_sequences=3: three rows per sample, in transformers' order (a sample's rows
+    together), each starting with its prompt; torch's seed repeats them; a sample's first row is
+    the row num_return_sequences=1 gives with the same torch seed; rows of a sample differ."""
+    model, inputs = patched
+    x = batch(inputs)
+    length = x["input_ids"].shape[1]
+    draw = lambda k: model.generate(**x, max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=k)
+    torch.manual_seed(5)
+    three = draw(3)
+    torch.manual_seed(5)
+    assert torch.equal(draw(3), three) and len(vpt_fast.last_results(model)) == 9
+    torch.manual_seed(5)
+    one = draw(1)
+    assert three.shape[0] == 9 and torch.equal(three[:, :length], x["input_ids"].repeat_interleave(3, dim=0))
+    for b in range(3):
+        width = min(one.shape[1], three.shape[1])
+        assert torch.equal(three[3 * b, :width], one[b, :width])
+        assert len({tuple(three[3 * b + k].tolist()) for k in range(3)}) > 1

@@ -13,12 +13,17 @@ The patched `generate` takes what a Qwen2-VL processor returns (`input_ids`, `at
 with left or right padding, `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; a batch
 whose samples hold any number of images, text-only ones included) and the generation options the engine honours: greedy or
 sampled decoding (`do_sample`, `temperature`, `top_k`, `top_p`), `repetition_penalty`,
-`max_new_tokens` / `max_length`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`,
-a `streamer` (batch of one), or a `GenerationConfig` holding them; the model's own
+`max_new_tokens` / `max_length`, `eos_token_id`, `pad_token_id`, `stop_strings` (with
+`tokenizer=`; a sequence ends at the token whose text completes one), `num_return_sequences`
+with sampling (a sample's sequences share its prefill, in consecutive rows as transformers
+orders them), `return_dict_in_generate` (with `output_scores` / `output_logits` for one
+sequence of a stock model: the raw logits behind each new token, and those logits through
+transformers' own processors for the options above), a `streamer` (one sequence), or a
+`GenerationConfig` holding them; the model's own
 `generation_config` fills the rest, as in transformers. It returns what transformers'
 generate returns: a LongTensor (batch, prompt length + new tokens), each row the prompt as
 given (padding included) then its new tokens padded with the pad id, or with
-`return_dict_in_generate=True` a `GenerateDecoderOnlyOutput` (sequences only).
+`return_dict_in_generate=True` a `GenerateDecoderOnlyOutput`.
 
 Greedy decoding gives transformers' tokens (it is tested token for token). Sampling draws
 from the same distribution with the engine's own generator per sample (seeded from torch's
@@ -42,8 +47,9 @@ and `output.vpt_results` on a dict output.
 
 What the engine cannot honour goes to transformers' own generate with a warning, once per
 reason and model, that says why (or raises ValueError with strict=True): beam search,
-several sequences per prompt, logits processors or stopping criteria of one's own,
-assistant models, output scores / logits / attentions / hidden states, options such as
+several sequences per prompt without sampling, logits processors or stopping criteria of one's
+own, assistant models, scores or logits of several sequences or of a VPT model, attentions,
+hidden states, options such as
 `no_repeat_ngram_size` or `min_new_tokens`, video inputs, `inputs_embeds`, an attention mask
 with holes, an end-of-sequence set without `<|im_end|>`,
 and a prompt that does not fit the engine's `max_seq_len`.
@@ -66,7 +72,7 @@ from .sampling import SamplingParams
 # sampled sequence (cache and compile settings, beam-only and assistant-only knobs).
 HONOURED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
             "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "return_dict_in_generate",
-            "use_cache"}
+            "use_cache", "stop_strings", "num_return_sequences", "output_scores", "output_logits"}
 NO_EFFECT = {"transformers_version", "_from_model_config", "cache_implementation", "cache_config", "compile_config",
              "disable_compile", "max_cache_len", "prefill_chunk_size", "continuous_batching_config", "low_memory",
              "early_stopping", "length_penalty", "remove_invalid_values", "is_assistant", "num_assistant_tokens",
@@ -75,7 +81,7 @@ NO_EFFECT = {"transformers_version", "_from_model_config", "cache_implementation
 # keyword arguments of generate that are not generation options
 CALL_OPTIONS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "use_model_defaults",
-                "assistant_tokenizer", "tokenizer")
+                "assistant_tokenizer")
 MODEL_INPUTS = {"attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "use_cache"}
 
 
@@ -159,6 +165,7 @@ def _accelerated(model, state: _Patch, args, kwargs, vpt_images, vpt_force):
         input_ids = kwargs.pop("input_ids")
     generation_config = args[1] if len(args) > 1 else kwargs.pop("generation_config", None)
     streamer = kwargs.pop("streamer", None)
+    tokenizer = kwargs.pop("tokenizer", None)  # what transformers reads stop_strings with
     for name in CALL_OPTIONS:
         value = kwargs.pop(name, None)
         if value is not None and not (name in ("logits_processor", "stopping_criteria") and len(value) == 0) and not (
@@ -189,8 +196,20 @@ def _accelerated(model, state: _Patch, args, kwargs, vpt_images, vpt_force):
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - length
     if new_tokens < 1:
         raise Fallback(f"max_length {config.max_length} leaves no room after the {length}-token input")
-    if streamer is not None and batch != 1:
+    stops = config.stop_strings
+    stops = () if not stops else (stops,) if isinstance(stops, str) else tuple(stops)
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer: pass tokenizer= to generate, as transformers asks")
+    n = int(config.num_return_sequences or 1)
+    if n > 1 and not config.do_sample:
+        raise Fallback(f"num_return_sequences={n} without sampling")
+    if streamer is not None and batch * n != 1:
         raise ValueError("a streamer takes a batch of one sequence")
+    scored = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
+    if scored and (batch * n > 1 or bundle.vpt_config.is_vpt):
+        what = ", ".join(f"{k}=True" for k in ("output_scores", "output_logits") if getattr(config, k))
+        raise Fallback(f"{what} for {batch * n} sequence(s) of a {'VPT' if bundle.vpt_config.is_vpt else 'stock'} "
+                       f"model (the engine returns them for one sequence of a stock model)")
 
     mask = model_kwargs.get("attention_mask")
     if mask is None:  # inferred as transformers infers it: from the pad id, unless it also ends sequences
@@ -224,30 +243,65 @@ def _accelerated(model, state: _Patch, args, kwargs, vpt_images, vpt_force):
             top_k=int(config.top_k) if config.do_sample and config.top_k else None,
             top_p=float(config.top_p) if config.do_sample and config.top_p is not None and config.top_p < 1 else None,
             seed=seed + b, repetition_penalty=float(config.repetition_penalty or 1.0),
-            stop_token_ids=tuple(t for t in eos if t != vocab.im_end))
+            stop_token_ids=tuple(t for t in eos if t != vocab.im_end), stop=stops, n=n, return_logits=scored)
         jobs.append((images[b], TokenPrompt(prompts[b]), params, forced[b]))
-    results = _run(engine, jobs, streamer, input_ids)
+    results = _run(engine, jobs, streamer, input_ids, n)
     state.last_results = results
     for r in results:
         if r.finish_reason in ("error", "abort"):
             raise ValueError(f"vpt_fast: {r.error}")
 
     rows = []
-    for b, r in enumerate(results):
-        if r.sequence_ids[: len(prompts[b])] != prompts[b]:
-            raise RuntimeError(f"vpt_fast: sample {b}: the conversation no longer starts with its prompt")
-        rows.append(r.sequence_ids[len(prompts[b]) :])
+    for i, r in enumerate(results):  # sample b's n sequences are rows b * n ... b * n + n - 1, as transformers has them
+        prompt = prompts[i // n]
+        if r.sequence_ids[: len(prompt)] != prompt:
+            raise RuntimeError(f"vpt_fast: sample {i // n}: the conversation no longer starts with its prompt")
+        rows.append(r.sequence_ids[len(prompt) :])
     width = max(len(row) for row in rows)
-    out = torch.full((batch, length + width), pad, dtype=torch.long)
-    out[:, :length] = ids_cpu
+    out = torch.full((batch * n, length + width), pad, dtype=torch.long)
+    out[:, :length] = ids_cpu.repeat_interleave(n, dim=0)
     for b, row in enumerate(rows):
         out[b, length : length + len(row)] = torch.tensor(row, dtype=torch.long)
     out = out.to(input_ids.device)
     if config.return_dict_in_generate:
         output = _hf_compat.decoder_only_output(out)
+        if scored:
+            logits = [row[None].to(input_ids.device) for row in results[0].logits]
+            if config.output_logits:
+                output.logits = tuple(logits)
+            if config.output_scores:
+                output.scores = _scores(config, out, length, logits)
         output.vpt_results = results
         return output
     return out
+
+
+def _scores(config, sequences: torch.Tensor, length: int, logits: list[torch.Tensor]) -> tuple:
+    """transformers' `scores` of one sequence: each step's raw logits through the processors the
+    engine honours, as transformers applies them (the repetition penalty over the sequence so
+    far, then with sampling temperature, top-k and top-p)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
+
+    from . import _hf_compat
+
+    TopK, TopP = _hf_compat.top_k_top_p_warpers()
+    steps = []
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        steps.append(RepetitionPenaltyLogitsProcessor(float(config.repetition_penalty)))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            steps.append(TemperatureLogitsWarper(float(config.temperature)))
+        if config.top_k:
+            steps.append(TopK(int(config.top_k)))
+        if config.top_p is not None and config.top_p < 1.0:
+            steps.append(TopP(float(config.top_p)))
+    out = []
+    for i, row in enumerate(logits):
+        scores = row.clone()
+        for step in steps:
+            scores = step(sequences[:, : length + i], scores)
+        out.append(scores)
+    return tuple(out)
 
 
 def _images(bundle, prompts: list[list[int]], model_kwargs: dict, vpt_images) -> list:
@@ -316,15 +370,16 @@ def _forced(bundle, vpt_force, batch: int) -> list:
     return [ids(v) for v in vpt_force]
 
 
-def _run(engine, jobs, streamer, input_ids) -> list:
+def _run(engine, jobs, streamer, input_ids, n: int = 1) -> list:
+    """Every sequence's result, sample by sample (a sample's n in a row)."""
     from .engine.state import FinishEvent, TokenEvent
 
-    results = [None] * len(jobs)
+    results = [None] * (len(jobs) * n)
     if streamer is not None:
         streamer.put(input_ids.detach().cpu())
     for event in engine._batch(jobs, label="sample"):
         if isinstance(event, FinishEvent):
-            results[event.request] = event.result
+            results[event.request * n + event.index] = event.result
         elif streamer is not None and isinstance(event, TokenEvent):
             streamer.put(torch.tensor([event.token_id]))
     if streamer is not None:
