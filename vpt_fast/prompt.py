@@ -334,9 +334,8 @@ def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
     except ValueError as e:
         raise ValueError(f"the system prompt: {e}") from None
     images = image_list(image)
-    placed = [i for i, (_, text) in enumerate(chat.turns) if IMAGE_PLACEHOLDER in text]
     count = sum(text.count(IMAGE_PLACEHOLDER) for _, text in chat.turns)
-    wrong = [i for i in placed if chat.turns[i][0] != "user"]
+    wrong = [i for i, (role, text) in enumerate(chat.turns) if IMAGE_PLACEHOLDER in text and role != "user"]
     if wrong:
         raise ValueError(f"turn {wrong[0]} is the assistant's: an image goes in a user turn")
     if count and not images:
@@ -347,13 +346,15 @@ def first_turn(bundle, image, prompt, specials: re.Pattern) -> FirstTurn:
                          f"user turn)")
     originals, ready = _load_images(bundle, images, prepared=False)
     counts = [bundle.processor.token_count(im) for im in ready]
-    spans = iter(vision_span(spec.IMAGE_PAD, n) for n in counts)
-    if not count and ready:
-        placed = [next(i for i, (role, _) in enumerate(chat.turns) if role == "user")]
-    turns = []
+    spans = [vision_span(spec.IMAGE_PAD, n) for n in counts]
+    first_user = next(i for i, (role, _) in enumerate(chat.turns) if role == "user")
+    turns, at = [], 0
     for i, (role, text) in enumerate(chat.turns):
-        if i in placed:
-            text = user_content(text, *(next(spans) for _ in range(text.count(IMAGE_PLACEHOLDER) or len(ready))))
+        # the images this turn shows: one per placeholder, or all of them in the first user turn
+        n = text.count(IMAGE_PLACEHOLDER) if count else len(spans) if i == first_user else 0
+        if n:
+            text = user_content(text, *spans[at : at + n])
+            at += n
         turns.append((role, text))
     ids = encode(bundle.tokenizer, conversation(turns, chat.system))
     got = ids.count(bundle.vocab.image_pad)
