@@ -38,6 +38,6 @@ step e2e_7b_decode 90 python3 benchmarks/e2e.py --shape 7b --decode-only
 step e2e_hf_generate 120 python3 benchmarks/e2e.py --shape 2b --hf-generate --reps 2
 step serving 150 python3 benchmarks/serving.py --quick
 step host_overhead 90 python3 benchmarks/host_overhead.py --shape 2b --batches 1 8 32 --steps 15
-step prefix_cache 90 python3 benchmarks/prefix_cache.py --shape 2b --images 4 --chats 3
+step prefix_cache 90 python3 benchmarks/prefix_cache.py --shape 2b --images 4 --chats 3 --max-new-tokens 16
 echo "gpu_check: $([ $failed -eq 0 ] && echo all steps passed || echo some steps FAILED)" | tee -a "$LOG"
 exit $failed

@@ -61,7 +61,7 @@ def picture(seed: int, w: int, h: int) -> Image.Image:
     return Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
 
 
-def eval_runs(bundle, images: int, size: tuple[int, int], max_new_tokens: int, folder: Path) -> list[dict]:
+def eval_runs(bundle, images: int, size: tuple[int, int], answer_lengths: list[int], folder: Path) -> list[dict]:
     lines = []
     for i in range(images):
         picture(i, *size).save(folder / f"{i}.png")
@@ -69,13 +69,13 @@ def eval_runs(bundle, images: int, size: tuple[int, int], max_new_tokens: int, f
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     rows = []
-    for batch in (1, 8):
-        row = {"batch": batch, "requests": len(lines)}
+    for max_new_tokens, batch in ((n, b) for n in answer_lengths for b in (1, 8)):
+        row = {"answer_tokens": max_new_tokens, "batch": batch, "requests": len(lines)}
         for caching in (False, True):
             engine = Engine(bundle, max_batch_size=8, enable_prefix_caching=caching,
                             encoder_cache_gib=None if caching else 0)
             engine.generate([picture(999, *size)], ["<image>\nWarm up."], 4)  # (compiles, allocates)
-            out = folder / f"out_{batch}_{caching}.jsonl"
+            out = folder / f"out_{max_new_tokens}_{batch}_{caching}.jsonl"
             before = cache_counts(engine)
             summary = evaluate(data, out, engine, batch_size=batch, max_new_tokens=max_new_tokens, progress=False)
             counts = {k: v - before[k] for k, v in cache_counts(engine).items()}
@@ -87,11 +87,13 @@ def eval_runs(bundle, images: int, size: tuple[int, int], max_new_tokens: int, f
             row["prompt_tokens"] = counts["prompt_tokens"]
             if caching:
                 row["cached_share"] = counts["cached_prompt_tokens"] / counts["prompt_tokens"]
-            print(f"eval, batch {batch}, caches {tag}: {row[f'{tag}_req_per_s']:.2f} requests/s, "
+            print(f"eval, answers of {max_new_tokens} tokens, batch {batch}, caches {tag}: "
+                  f"{row[f'{tag}_req_per_s']:.2f} requests/s, "
                   f"{counts['computed_prompt_tokens']} of {counts['prompt_tokens']} prompt tokens computed, "
                   f"{counts['vision_encoder_images']} images encoded", flush=True)
         row["wall_ratio"] = row["on_seconds"] / row["off_seconds"]
-        with open(folder / f"out_{batch}_False.jsonl") as a, open(folder / f"out_{batch}_True.jsonl") as b:
+        with open(folder / f"out_{max_new_tokens}_{batch}_False.jsonl") as a, \
+                open(folder / f"out_{max_new_tokens}_{batch}_True.jsonl") as b:
             row["same_rows"] = a.read() == b.read()
         rows.append(row)
     return rows
@@ -149,7 +151,8 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=8, help="images of the evaluation set (four questions each)")
     ap.add_argument("--chats", type=int, default=5)
     ap.add_argument("--size", type=int, nargs=2, default=(900, 700), metavar=("W", "H"))
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[4, 16],
+                    help="answer lengths of the evaluation (the random tiny model always writes all of them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
     args = ap.parse_args(argv)
     if args.threads:
@@ -163,9 +166,9 @@ def main(argv=None) -> None:
         evals = eval_runs(bundle, args.images, tuple(args.size), args.max_new_tokens, Path(folder))
     chats = chat_runs(bundle, args.chats, tuple(args.size), device)
     md = (f"### Prefix and encoder caches, on against off ({shape}, {args.size[0]}x{args.size[1]} images)\n\n"
-          f"(a) `evaluate` over {args.images} images x {len(QUESTIONS)} questions (consecutive lines), answers of at "
-          f"most {args.max_new_tokens} tokens:\n\n")
-    md += table(evals, [("batch", "batch"), ("off_req_per_s", "off req/s"), ("on_req_per_s", "on req/s"),
+          f"(a) `evaluate` over {args.images} images x {len(QUESTIONS)} questions (consecutive lines), answers of "
+          f"{' and '.join(map(str, args.max_new_tokens))} tokens:\n\n")
+    md += table(evals, [("answer_tokens", "answer tokens"), ("batch", "batch"), ("off_req_per_s", "off req/s"), ("on_req_per_s", "on req/s"),
                         ("wall_ratio", "wall on / off"), ("prompt_tokens", "prompt tokens"),
                         ("off_computed_prompt_tokens", "computed, off"), ("on_computed_prompt_tokens", "computed, on"),
                         ("cached_share", "from the cache"), ("off_images_encoded", "images encoded, off"),

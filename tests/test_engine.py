@@ -245,8 +245,9 @@ class ScriptedEngine(Engine):
     script: list[int] = []
 
     def _choose(self, ready):
-        chosen = super()._choose(ready)
-        return [self.script[len(r.generated)] if len(r.generated) < len(self.script) else t for r, t in zip(ready, chosen)]
+        chosen, logprobs = super()._choose(ready)
+        return [self.script[len(r.generated)] if len(r.generated) < len(self.script) else t
+                for r, t in zip(ready, chosen)], logprobs
 
 
 def test_second_perception_equals_a_fresh_prefill(tiny_bundle):

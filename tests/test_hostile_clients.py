@@ -247,10 +247,10 @@ def test_oversized_headers_are_refused(served):
 
 
 def test_unknown_fields_are_ignored_and_named(served):
-    reply = post(served.base_url, {**OK_BODY, "structured_outputs": {"choice": ["a", "b"]}, "user": "me",
-                                   "stop": None, "presence_penalty": 0})
+    reply = post(served.base_url, {**OK_BODY, "guided_choice": ["a", "b"], "user": "me", "stop": None,
+                                   "presence_penalty": 0})
     assert reply.status_code == 200
-    assert reply.json()["choices"][0]["vpt"]["ignored_fields"] == ["structured_outputs", "user"]
+    assert reply.json()["choices"][0]["vpt"]["ignored_fields"] == ["guided_choice", "user"]
     plain = post(served.base_url, OK_BODY)
     assert "ignored_fields" not in plain.json()["choices"][0]["vpt"]
 

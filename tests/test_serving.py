@@ -370,7 +370,7 @@ def streamed(stream) -> tuple[dict[int, str], dict[int, list], dict[int, str]]:
     return text, logprobs, finish
 
 
-def test_logprobs_n_and_penalties_through_the_openai_client(tiny_bundle, client):
+def test_logprobs_n_and_penalties_through_the_openai_client(tiny_bundle, served, client):
     """n = 3 sampled answers with a seed, presence and frequency penalties, logprobs with 4
     alternatives: each choice is the engine's answer k (tokens, text), its logprobs the engine's
     (the tokens of its content, the ending <|im_end|> left out), streamed as not; the same call
@@ -382,8 +382,10 @@ def test_logprobs_n_and_penalties_through_the_openai_client(tiny_bundle, client)
     want = engine_answer(bundle, image, "What is on the left?", params)
     body = dict(model=MODEL, messages=messages(image), max_tokens=10, temperature=0.9, seed=42, n=3,
                 presence_penalty=0.5, frequency_penalty=0.3, logprobs=True, top_logprobs=4)
+    before = metric(served.base_url, "vpt_fast_generation_tokens_total")
     got = client.chat.completions.create(**body)
     assert [c.index for c in got.choices] == [0, 1, 2]
+    assert metric(served.base_url, "vpt_fast_generation_tokens_total") - before == sum(len(w.token_ids) for w in want)
     tok = bundle.tokenizer
     for c, w in zip(got.choices, want):
         assert c.model_extra["vpt"]["token_ids"] == w.token_ids and c.message.content == w.text

@@ -391,6 +391,7 @@ class Engine:
                 for rid in list(self._requests):  # a stream closed early: drop what it left
                     self._abort(rid)
                     del self._requests[rid]
+                self._left.clear()
                 self._done.clear()
 
     @contextmanager

@@ -335,7 +335,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             await collector
         watcher.cancel()
         answers = [results[k] for k in sorted(results)]
-        metrics.finished(answers[0], first, last)
+        metrics.finished(answers, first, last)
         failed = next((r for r in answers if r.finish_reason == "error" and r.error
                        and r.error.startswith("engine failure")), None)
         if failed is not None:
@@ -383,7 +383,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
                                                     vpt=vpt_json(result, round1, notes)))
             finished = True
             answers = [results[k] for k in sorted(results)]
-            metrics.finished(answers[0], first, last)
+            metrics.finished(answers, first, last)
             failed = next((r for r in answers if r.finish_reason == "error" and r.error
                            and r.error.startswith("engine failure")), None)
             if failed is not None:
@@ -397,7 +397,8 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
                 asyncio.ensure_future(count_when_done(handle, first, last))
 
     async def count_when_done(handle, first, last):
-        metrics.finished(await handle.wait(), first, last)
+        await handle.wait()
+        metrics.finished(handle.results, first, last)
 
     return app
 

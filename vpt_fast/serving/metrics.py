@@ -66,18 +66,24 @@ class ServerMetrics:
         Gauge("vpt_fast_kv_blocks_total", "KV cache blocks", registry=r).set_function(lambda: core.kv_blocks_total)
         r.register(_EngineCounters(core))
 
-    def finished(self, result: GenerationResult, first_token_s: float | None, last_token_s: float | None) -> None:
-        """Count a finished request; times in seconds from its arrival."""
+    def finished(self, results: GenerationResult | list[GenerationResult], first_token_s: float | None,
+                 last_token_s: float | None) -> None:
+        """Count a finished request (its answers, when it asked for n); times in seconds from its
+        arrival."""
+        answers = results if isinstance(results, list) else [results]
+        result = answers[0]
         self.requests.labels(result.finish_reason).inc()
         self.prompt_tokens.inc(result.prompt_tokens)
-        self.generation_tokens.inc(len(result.token_ids))
-        for t in result.trace:
+        generated = sum(len(r.token_ids) for r in answers)
+        self.generation_tokens.inc(generated)
+        for t in (t for r in answers for t in r.trace):
             self.perceptions.labels(t.kind).inc()
             self.spliced_tokens.inc(t.tokens_spliced)
         if first_token_s is not None:
             self.ttft.observe(first_token_s)
-            if last_token_s is not None and len(result.token_ids) > 1:
-                self.tpot.observe((last_token_s - first_token_s) / (len(result.token_ids) - 1))
+            steps = max(len(r.token_ids) for r in answers)  # answers decode side by side
+            if last_token_s is not None and steps > 1:
+                self.tpot.observe((last_token_s - first_token_s) / (steps - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
