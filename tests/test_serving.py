@@ -443,9 +443,13 @@ def test_structured_outputs_through_the_openai_client(client, field):
                                      lambda t: re.fullmatch("[0-9]{3}", t) is not None),
     }[field]
     # no image: the answer is constrained from its first token
-    got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Answer."}], max_tokens=120,
-                                         temperature=1.0, seed=3, n=4, **body)
+    call = dict(model=MODEL, messages=[{"role": "user", "content": "Answer."}], max_tokens=120, temperature=1.0, seed=3,
+                n=4, **body)
+    got = client.chat.completions.create(**call)
     for c in got.choices:
         if field.endswith("json_object") and c.finish_reason == "length":
             continue  # an unbounded object may outgrow the limit
         assert c.finish_reason == "stop" and check(c.message.content), c.message.content
+    text, _, finish = streamed(client.chat.completions.create(**call, stream=True))
+    assert [text[k] for k in range(4)] == [c.message.content for c in got.choices]
+    assert [finish[k] for k in range(4)] == [c.finish_reason for c in got.choices]
