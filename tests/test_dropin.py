@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_inputs import HFInputs
+from hf_inputs import HFInputs, stock_generate
 from vpt_cases import rand_image, region, toks
 
 import vpt_fast
@@ -20,14 +20,6 @@ from vpt_fast.reference import two_round_generate
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration"
-
-
-def stock_generate(model, **kwargs):
-    """transformers' generate, whatever the instance has."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    with torch.no_grad():
-        return Qwen2VLForConditionalGeneration.generate(model, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from hf_inputs import HFInputs
+from hf_inputs import HFInputs, stock_generate
 from vpt_cases import action, rand_image, region, toks
 
 import vpt_fast
@@ -74,13 +74,6 @@ def as_conversation(messages) -> Conversation:
             "<image>" if part["type"] == "image" else part["text"] for part in content)
         turns.append((m["role"], text))
     return Conversation(tuple(turns))
-
-
-def stock_generate(model, **kwargs):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    with torch.no_grad():
-        return Qwen2VLForConditionalGeneration.generate(model, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from ..media import MediaError, MediaPolicy
 from ..prompt import script_ids
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
-from ..engine.text import IncrementalText, cut_at_stop
+from ..engine.text import IncrementalText, find_stop
 from .protocol import ChatCompletionRequest, Completion, LogprobWriter, error_json, shown_logprobs, trace_json, vpt_json
 
 logger = logging.getLogger("vpt_fast.serving")
@@ -161,8 +161,9 @@ class _Decoder:
     def add(self, token_id: int) -> str:
         self.text.add(token_id)
         text = self.text.text
-        cut, found = cut_at_stop(text, self.stops, self.include)
-        limit = len(cut) if found is not None else len(text) - self.hold
+        # a stop string not yet whole at the last token begins at or after what was sent
+        found = find_stop(text, self.stops, self.sent) if self.stops else None
+        limit = len(text) - self.hold if found is None else found[0] + (len(found[1]) if self.include else 0)
         if limit <= self.sent:
             return ""
         delta, self.sent = text[self.sent : limit], limit
@@ -336,8 +337,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         watcher.cancel()
         answers = [results[k] for k in sorted(results)]
         metrics.finished(answers, first, last)
-        failed = next((r for r in answers if r.finish_reason == "error" and r.error
-                       and r.error.startswith("engine failure")), None)
+        failed = next((r for r in answers if _engine_failure(r)), None)
         if failed is not None:
             return _error(500, failed.error)
         round1 = [tokenizer.decode(r.round1_ids, skip_special_tokens=True) for r in answers]
@@ -376,7 +376,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
                     rest = decoder.finish(result.text)
                     if rest:
                         yield _sse(completion.chunk({"content": rest}, index=k))
-                    if not (result.finish_reason == "error" and result.error and result.error.startswith("engine failure")):
+                    if not _engine_failure(result):
                         round1 = tokenizer.decode(result.round1_ids, skip_special_tokens=True)
                         finish = "length" if result.finish_reason == "length" else "stop"
                         yield _sse(completion.chunk({}, finish, index=k, stop_reason=result.stop_reason,
@@ -384,8 +384,7 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
             finished = True
             answers = [results[k] for k in sorted(results)]
             metrics.finished(answers, first, last)
-            failed = next((r for r in answers if r.finish_reason == "error" and r.error
-                           and r.error.startswith("engine failure")), None)
+            failed = next((r for r in answers if _engine_failure(r)), None)
             if failed is not None:
                 yield _sse(error_json(failed.error, 500))
             elif include_usage:
@@ -401,6 +400,11 @@ def build_app(engine: AsyncEngine, config: ServeConfig = ServeConfig(), shutdown
         metrics.finished(handle.results, first, last)
 
     return app
+
+
+def _engine_failure(result) -> bool:
+    """Whether an answer ended because the engine failed (a 500), not because of its request."""
+    return result.finish_reason == "error" and bool(result.error) and result.error.startswith("engine failure")
 
 
 def _sse(payload: dict) -> str:
